@@ -1,0 +1,190 @@
+"""Checkpoint files (SPEC section 11): the merged `afine.pth`, BasicSR-style per-network files, CLIP files.
+
+Every read error is an AfineError naming the file (and the keys at fault); every write is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .clip import CLIP, read_clip_state_dict
+from .errors import AfineError
+
+# Parts of the merged file, in the official order, and the per-network file holding each.
+PART_FILES = {
+    "finetuned_clip": "clip_model.pth",
+    "natural": "net_qhead.pth",
+    "fidelity": "net_dhead.pth",
+    "fidelity_scale": "net_scale_fr.pth",
+    "natural_scale": "net_scale_nr.pth",
+    "adapter": "net_finalscore.pth",
+}
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save through a temp file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def torch_load(path: str | Path):
+    """torch.load on CPU with weights_only, turning a missing or unreadable file into an AfineError."""
+    path = Path(path)
+    if not path.is_file():
+        raise AfineError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
+        raise AfineError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DataParallel/DDP's `module.` prefix from every key, if present."""
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def state_dict_for_saving(module_or_state: nn.Module | dict) -> dict[str, torch.Tensor]:
+    """A plain CPU state dict without `module.` prefixes, tensors contiguous and detached."""
+    state = module_or_state
+    if isinstance(state, nn.Module):
+        state = getattr(state, "module", state).state_dict()  # unwrap DistributedDataParallel
+    return {k: v.detach().cpu().contiguous() for k, v in strip_module_prefix(state).items()}
+
+
+def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True) with one clear error naming the source and the keys at fault."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise AfineError(f"{source}: wrong keys: {'; '.join(parts)}")
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs expected {tuple(v.shape)}" for k, v in own.items()
+             if tuple(state_dict[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise AfineError(f"{source}: wrong shapes: {', '.join(wrong[:4])}")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+def read_network_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A BasicSR-style per-network file `{'params': state_dict}` (a bare state dict is accepted too)."""
+    obj = torch_load(path)
+    if isinstance(obj, dict) and "params" in obj and isinstance(obj["params"], dict):
+        obj = obj["params"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AfineError(f"{path}: expected {{'params': state_dict}}")
+    return strip_module_prefix(obj)
+
+
+def save_network_file(path: str | Path, module_or_state: nn.Module | dict) -> None:
+    """Write `{'params': state_dict}` atomically, as BasicSR and the official trainer do."""
+    atomic_save({"params": state_dict_for_saving(module_or_state)}, path)
+
+
+def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """The A-FINE parts from a merged `afine.pth` or a folder of per-network files.
+
+    Returns (parts, sources): part name -> state dict, and part name -> where it came from (for errors).
+    A folder may hold only some parts (a stage-1 or stage-2 run); callers check what they need.
+    """
+    path = Path(path)
+    if path.is_dir():
+        parts, sources = {}, {}
+        for part, name in PART_FILES.items():
+            file = path / name
+            if file.is_file():
+                state = read_network_file(file) if part != "finetuned_clip" else read_clip_file(file)
+                parts[part], sources[part] = state, str(file)
+        for earlier in earlier_runs(path):  # a stage-2/3 run folder takes the frozen parts from its earlier stages
+            more, more_sources = read_afine_parts(earlier)
+            for part in more:
+                if part not in parts:
+                    parts[part], sources[part] = more[part], more_sources[part]
+        if not parts:
+            raise AfineError(f"{path}: no A-FINE checkpoint files ({', '.join(PART_FILES.values())}) in this folder")
+        return parts, sources
+    obj = torch_load(path)
+    if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
+        raise AfineError(f"{path}: not a merged A-FINE checkpoint (expected a dict of state dicts)")
+    missing = [p for p in PART_FILES if p not in obj]
+    unexpected = [k for k in obj if k not in PART_FILES]
+    if missing or unexpected:
+        raise AfineError(f"{path}: wrong parts: missing {missing}, unexpected {unexpected}")
+    return {p: strip_module_prefix(obj[p]) for p in PART_FILES}, {p: f"{path}[{p}]" for p in PART_FILES}
+
+
+def earlier_runs(run_dir: Path) -> list[Path]:
+    """Run folders named by a training run's `config.json` (`stage2_dir`, then `stage1_dir`), if any."""
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        return []
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise AfineError(f"{config_file}: cannot read run config ({e})") from None
+    runs = []
+    for key in ("stage2_dir", "stage1_dir"):
+        if isinstance(config, dict) and config.get(key):
+            folder = Path(config[key])
+            folder = folder if folder.is_absolute() else (run_dir / folder if (run_dir / folder).is_dir() else folder)
+            if not folder.is_dir():
+                raise AfineError(f"{config_file}: {key} {config[key]!r} is not a folder")
+            runs.append(folder)
+    return runs
+
+
+def save_afine(path: str | Path, parts: dict[str, nn.Module | dict]) -> None:
+    """Write the merged `afine.pth` with exactly the six official parts, atomically."""
+    missing = [p for p in PART_FILES if p not in parts]
+    if missing:
+        raise AfineError(f"{path}: cannot write afine.pth, parts missing: {missing}")
+    atomic_save({p: state_dict_for_saving(parts[p]) for p in PART_FILES}, path)
+
+
+def read_clip_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A CLIP state dict from OpenAI's TorchScript archive or a plain state-dict file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AfineError(f"{path}: CLIP checkpoint not found")
+    try:
+        return strip_module_prefix(read_clip_state_dict(path))
+    except Exception as e:  # noqa: BLE001 - any failure to read means a bad file
+        raise AfineError(f"{path}: cannot read CLIP checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def build_clip(state_dict: dict[str, torch.Tensor], source: str) -> CLIP:
+    """A float32 CLIP whose architecture follows the state dict's shapes."""
+    try:
+        config = CLIP.config_from_state_dict(state_dict)
+    except ValueError as e:
+        raise AfineError(f"{source}: {e}") from None
+    model = CLIP(**config)
+    load_strict(model, state_dict, source)
+    return model

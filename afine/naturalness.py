@@ -1,0 +1,39 @@
+"""Naturalness head (SPEC section 4; released key `natural`, official name AFINEQhead).
+
+A no-reference term: statistics of the pixels and of every CLIP block, pooled over tokens,
+regressed to one score per image. Lower is better.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .image import CLIP_MEAN, CLIP_STD
+
+
+def token_statistics(tokens: torch.Tensor) -> torch.Tensor:
+    """[..., T, C] -> [..., 2C]: mean and population variance over tokens, concatenated."""
+    mean = tokens.mean(dim=-2)
+    var = (tokens - mean.unsqueeze(-2)).square().mean(dim=-2)
+    return torch.cat([mean, var], dim=-1)
+
+
+def pixel_tokens(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Normalised images [B, 3, H, W] -> pixel values as tokens [B, H*W, 3] (normalisation undone)."""
+    return (x * std + mean).flatten(2).transpose(1, 2)
+
+
+class NaturalnessHead(nn.Module):
+    def __init__(self, width: int = 768, layers: int = 12, feat_dim: int = 128, hidden: int = 768):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1))
+        self.proj_feat = nn.Linear(2 * width, feat_dim)
+        self.proj_head = nn.Sequential(nn.Linear(6 + layers * feat_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """x: normalised images [B, 3, H, W]; features: CLIP block outputs [B, L, T, W] -> raw N [B]."""
+        level0 = token_statistics(pixel_tokens(x, self.mean, self.std))  # [B, 6]
+        levels = self.proj_feat(token_statistics(features.relu()))  # [B, L, 128]
+        return self.proj_head(torch.cat([level0, levels.flatten(1)], dim=1)).squeeze(1)

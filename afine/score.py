@@ -1,0 +1,145 @@
+"""`python -m afine score`: A-FINE scores for (dis, ref) image pairs, batched, from the shell.
+
+    python -m afine score --clip ViT-B-32.pt --weights afine.pth dis.png ref.png
+    python -m afine score --clip ViT-B-32.pt --weights afine.pth --pairs pairs.txt --json > scores.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import AfineError
+from .image import image_size, load_image
+from .model import AFINE, TERMS, load_afine
+
+
+def read_pairs(file: str | Path) -> list[tuple[Path, Path]]:
+    """Lines `dis,ref` (blank lines and `#` comments skipped); relative paths are relative to the file's folder."""
+    file = Path(file)
+    try:
+        lines = file.read_text().splitlines()
+    except OSError as e:
+        raise AfineError(f"{file}: cannot read pairs file ({e.strerror})") from None
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 2 or not all(fields):
+            raise AfineError(f"{file}:{number}: expected 'dis,ref', got {line.strip()!r}")
+        pairs.append(tuple(file.parent / f for f in fields))
+    if not pairs:
+        raise AfineError(f"{file}: no pairs")
+    return pairs
+
+
+def plan_batches(pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Pair indices grouped into batches of one image size, pairs that share a reference kept together."""
+    order = sorted(range(len(pairs)), key=lambda i: (sizes[i], str(pairs[i][1]), i))
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) == batch_size or sizes[current[0]] != sizes[i]):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def check_pairs(pairs: list[tuple[Path, Path]]) -> list[tuple[int, int]]:
+    """Every image readable and each dis the size of its ref, checked from headers before any scoring."""
+    header = {}
+    sizes = []
+    for dis, ref in pairs:
+        for path in (dis, ref):
+            if path not in header:
+                header[path] = image_size(path)
+        if header[dis] != header[ref]:
+            raise AfineError(f"{dis}: size {header[dis][1]}x{header[dis][0]} differs from reference {ref} "
+                             f"({header[ref][1]}x{header[ref][0]})")
+        sizes.append(header[dis])
+    return sizes
+
+
+def load_batch(pairs: list[tuple[Path, Path]], batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode one batch: test images, its distinct references, and each test image's reference index."""
+    refs = list(dict.fromkeys(pairs[i][1] for i in batch))
+    where = {ref: j for j, ref in enumerate(refs)}
+    dis = torch.stack([load_image(pairs[i][0]) for i in batch])
+    return dis, torch.stack([load_image(r) for r in refs]), torch.tensor([where[pairs[i][1]] for i in batch])
+
+
+@torch.inference_mode()
+def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 8,
+                device: str | torch.device = "cpu", progress: bool = True) -> list[dict[str, float]]:
+    """The five terms for every pair, in input order; decoding of the next batch overlaps scoring."""
+    sizes = check_pairs(pairs)
+    batches = plan_batches(pairs, sizes, batch_size)
+    results: list[dict[str, float] | None] = [None] * len(pairs)
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(pairs), desc="scoring", unit="pair",
+                                                         disable=not progress, file=sys.stderr) as bar:
+        pending = pool.submit(load_batch, pairs, batches[0]) if batches else None
+        for n, batch in enumerate(batches):
+            dis, refs, ref_index = pending.result()
+            if n + 1 < len(batches):
+                pending = pool.submit(load_batch, pairs, batches[n + 1])
+            terms = model.score(dis.to(device), refs.to(device), ref_index)
+            values = torch.stack([terms[t] for t in TERMS], dim=1).double().cpu().tolist()
+            for i, row in zip(batch, values):
+                results[i] = dict(zip(TERMS, row))
+            bar.update(len(batch))
+    return results
+
+
+def format_table(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> str:
+    names = [(str(d), str(r)) for d, r in pairs]
+    wd = max([3] + [len(d) for d, _ in names])
+    wr = max([3] + [len(r) for _, r in names])
+    lines = [f"{'dis':<{wd}}  {'ref':<{wr}}  " + "  ".join(f"{t:>15}" for t in TERMS)]
+    for (d, r), res in zip(names, results):
+        lines.append(f"{d:<{wd}}  {r:<{wr}}  " + "  ".join(f"{res[t]:>15.6f}" for t in TERMS))
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="*", metavar="DIS REF", help="one test image and its reference")
+    parser.add_argument("--pairs", help="file of 'dis,ref' lines (paths relative to the file's folder)")
+    parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file)")
+    parser.add_argument("--weights", required=True, help="A-FINE weights: afine.pth or a folder of net_*.pth files")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per pair per line")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.pairs and args.images:
+        raise AfineError("give either DIS REF or --pairs FILE, not both")
+    if args.pairs:
+        pairs = read_pairs(args.pairs)
+    elif len(args.images) == 2:
+        pairs = [(Path(args.images[0]), Path(args.images[1]))]
+    else:
+        raise AfineError("give one DIS REF pair or --pairs FILE")
+    if args.batch_size < 1:
+        raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise AfineError(f"--device {args.device}: not usable ({str(e).splitlines()[0]})") from None
+    check_pairs(pairs)  # fail on a bad image before loading a large model
+    model = load_afine(args.clip, args.weights).to(device)
+    results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress)
+    if args.json:
+        print("\n".join(json.dumps({"dis": str(d), "ref": str(r), **res}) for (d, r), res in zip(pairs, results)))
+    else:
+        print(format_table(pairs, results))
+    return 0

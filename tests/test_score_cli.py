@@ -1,0 +1,138 @@
+"""`python -m afine score`: output formats, batching, and every user error with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from afine.__main__ import main
+from afine.image import load_image
+from afine.model import TERMS, load_afine
+from tests.tiny import random_afine, tiny_clip, write_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    paths = write_checkpoints(folder / "ckpt", random_afine(tiny_clip(seed=2)))
+    rng = np.random.default_rng(0)
+    images = folder / "images"
+    images.mkdir()
+    base = rng.integers(0, 256, (64, 80, 3)).astype(np.int16)
+    for name in ("ref", "a", "b", "c"):
+        noise = 0 if name == "ref" else rng.integers(-40, 40, base.shape)
+        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(images / f"{name}.png")
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(images / "ref2.png")
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(images / "d2.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images / "small.png")
+    (images / "broken.png").write_bytes(b"not an image")
+    lines = ["a.png,ref.png", "d2.png,ref2.png", "", "b.png,ref.png", "c.png,ref.png", "ref.png,ref.png"]
+    (images / "pairs.txt").write_text("\n".join(lines) + "\n")
+    return paths, images
+
+
+def run_cli(capsys, *args):
+    code = main(["score", "--no-progress", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_lines_in_input_order_match_the_model(setup, capsys):
+    paths, images = setup
+    code, out, err = run_cli(capsys, "--weights", paths["afine"], "--pairs", images / "pairs.txt", "--json",
+                             "--batch-size", "3")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [Path(r["dis"]).name for r in rows] == ["a.png", "d2.png", "b.png", "c.png", "ref.png"]
+    assert all(list(r) == ["dis", "ref", *TERMS] for r in rows)
+    model = load_afine(None, paths["afine"])
+    with torch.no_grad():
+        direct = model(load_image(images / "d2.png")[None], load_image(images / "ref2.png")[None])
+    for term in TERMS:
+        assert rows[1][term] == pytest.approx(direct[term].item(), abs=1e-5)
+
+
+def test_single_pair_table_and_folder_weights(setup, capsys):
+    paths, images = setup
+    code, out, _ = run_cli(capsys, "--weights", paths["folder"], images / "a.png", images / "ref.png")
+    assert code == 0
+    header, row = out.strip().splitlines()
+    assert header.split() == ["dis", "ref", *TERMS]
+    code, out_json, _ = run_cli(capsys, "--weights", paths["afine"], "--json", images / "a.png", images / "ref.png")
+    value = json.loads(out_json)["afine_all"]
+    assert float(row.split()[3]) == pytest.approx(value, abs=1e-6)
+
+
+def test_batch_size_does_not_change_scores(setup, capsys):
+    paths, images = setup
+    outs = []
+    for bs in ("1", "8"):
+        code, out, _ = run_cli(capsys, "--weights", paths["afine"], "--pairs", images / "pairs.txt", "--json",
+                               "--batch-size", bs)
+        assert code == 0
+        outs.append([json.loads(line) for line in out.splitlines()])
+    for one, many in zip(*outs):
+        for term in TERMS:  # the 0..100 scale magnifies float32 rounding by up to 100 / (4 * 2.3734)
+            assert one[term] == pytest.approx(many[term], abs=1e-4 if term == "afine_all_scale" else 1e-5)
+
+
+@pytest.mark.parametrize("case, culprit", [
+    ("missing_image", "nope.png"),
+    ("broken_image", "broken.png"),
+    ("size_mismatch", "small.png"),
+    ("missing_weights", "missing.pth"),
+    ("wrong_keys", "wrong.pth"),
+    ("missing_pairs_file", "nofile.txt"),
+    ("bad_pairs_line", "bad_pairs.txt:2"),
+    ("missing_clip", "noclip.pt"),
+])
+def test_user_errors_one_line_exit_2_nothing_on_stdout(setup, capsys, case, culprit):
+    paths, images = setup
+    weights = paths["afine"]
+    pair = [images / "a.png", images / "ref.png"]
+    extra = []
+    if case == "missing_image":
+        pair[0] = images / "nope.png"
+    elif case == "broken_image":
+        pair[0] = images / "broken.png"
+    elif case == "size_mismatch":
+        pair[0] = images / "small.png"
+    elif case == "missing_weights":
+        weights = images / "missing.pth"
+    elif case == "wrong_keys":
+        parts = torch.load(paths["afine"], weights_only=True)
+        parts["natural"]["proj_feat.weights"] = parts["natural"].pop("proj_feat.weight")
+        weights = images / "wrong.pth"
+        torch.save(parts, weights)
+    elif case == "missing_pairs_file":
+        pair, extra = [], ["--pairs", images / "nofile.txt"]
+    elif case == "bad_pairs_line":
+        (images / "bad_pairs.txt").write_text("a.png,ref.png\na.png;ref.png\n")
+        pair, extra = [], ["--pairs", images / "bad_pairs.txt"]
+    elif case == "missing_clip":
+        weights = paths["folder"]
+        extra = ["--clip", images / "noclip.pt"]
+    code, out, err = run_cli(capsys, "--weights", weights, *extra, *pair)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], err
+    if case == "wrong_keys":
+        assert "proj_feat.weight" in lines[0] and "proj_feat.weights" in lines[0]
+
+
+def test_module_entry_point_exit_code(setup, tmp_path):
+    paths, images = setup
+    proc = subprocess.run([sys.executable, "-m", "afine", "score", "--weights", str(paths["afine"]),
+                           str(images / "a.png"), str(tmp_path / "none.png")], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == "" and "none.png" in proc.stderr

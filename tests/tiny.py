@@ -1,0 +1,90 @@
+"""Tiny random checkpoints in the official file formats, for tests (no downloads, ever)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from afine.checkpoint import PART_FILES, save_afine, save_network_file
+from afine.clip import CLIP
+from afine.model import AFINE
+
+TINY = dict(embed_dim=32, vision_width=64, vision_layers=3, vision_patch_size=16, grid_size=4, context_length=8,
+            vocab_size=50, transformer_width=64, transformer_layers=1)
+
+
+def tiny_clip(seed: int = 0, **overrides) -> CLIP:
+    torch.manual_seed(seed)
+    clip = CLIP(**{**TINY, **overrides})
+    with torch.no_grad():  # larger random scales than the defaults, so every term is far from trivial
+        for name, p in clip.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return clip
+
+
+class _Archive(nn.Module):
+    """Holds a CLIP's parameters at the top level plus the scalar entries OpenAI's archive carries."""
+
+    def __init__(self, clip: CLIP, resolution: int):
+        super().__init__()
+        for name, child in clip.named_children():
+            self.add_module(name, child)
+        for name, p in clip.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        self.register_buffer("input_resolution", torch.tensor(resolution))
+        self.register_buffer("context_length", torch.tensor(clip.positional_embedding.shape[0]))
+        self.register_buffer("vocab_size", torch.tensor(clip.token_embedding.weight.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def write_torchscript_clip(path: Path, clip: CLIP) -> None:
+    """A float16 TorchScript archive laid out like OpenAI's ViT-B-32.pt."""
+    import copy
+
+    half = copy.deepcopy(clip).half()
+    resolution = half.visual.patch_size * round((half.visual.positional_embedding.shape[0] - 1) ** 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(_Archive(half, resolution), torch.zeros(1), check_trace=False)
+        traced.save(str(path))
+
+
+def random_afine(clip: CLIP, seed: int = 1) -> AFINE:
+    """An A-FINE model with random heads and non-default mapping parameters."""
+    torch.manual_seed(seed)
+    model = AFINE(clip)
+    with torch.no_grad():
+        for p in model.natural.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        model.fidelity.alpha.copy_(torch.randn_like(model.fidelity.alpha))
+        model.fidelity.beta.copy_(torch.randn_like(model.fidelity.beta))
+        model.natural_scale.yita3.fill_(0.3)
+        model.natural_scale.yita4.fill_(0.7)
+        model.fidelity_scale.yita3.fill_(0.4)
+        model.fidelity_scale.yita4.fill_(0.2)
+        model.adapter.k.fill_(0.8)
+    return model.eval()
+
+
+def write_checkpoints(folder: Path, model: AFINE) -> dict[str, Path]:
+    """Merged afine.pth, the per-network folder, and CLIP in both formats. Returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"afine": folder / "afine.pth", "folder": folder / "networks", "clip_ts": folder / "clip_ts.pt",
+             "clip_plain": folder / "clip_plain.pt"}
+    save_afine(paths["afine"], model.parts())
+    for part, name in PART_FILES.items():
+        module = model.parts()[part]
+        if part == "finetuned_clip":
+            (paths["folder"]).mkdir(exist_ok=True)
+            torch.save(module.state_dict(), paths["folder"] / name)
+        else:
+            save_network_file(paths["folder"] / name, module)
+    write_torchscript_clip(paths["clip_ts"], model.clip)
+    torch.save(model.clip.state_dict(), paths["clip_plain"])
+    return paths
