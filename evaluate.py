@@ -1,0 +1,198 @@
+"""2AFC accuracy of an A-FINE model on the published benchmarks (SPEC section 9), in one run.
+
+    python evaluate.py --bench all --data-root ROOT --clip ViT-B-32.pt --weights afine.pth
+    python evaluate.py --bench kadid10k,sriqa-all --data-root ROOT --weights runs/s1 --stage 1 --json s1.json
+    torchrun --nproc_per_node 4 evaluate.py --bench all --data-root ROOT --weights afine.pth
+
+--weights is a merged afine.pth or a run folder (a stage-2/3 run folder chains to its earlier stages through
+its config.json); --clip is needed only when the weights hold no fine-tuned CLIP. The score is the raw
+naturalness N for --stage 1, the raw fidelity F for --stage 2, and D for --stage 3 (default, released models).
+Lower is better. Benchmarks: sriqa-all, sriqa-reg, sriqa-gen, diffiqa-psy, diffiqa-pny, diffiqa-sny,
+diffiqa-pyy, diffiqa-nyy, kadid10k, tid2013, pipal (see afine/benchmarks.py for the files each reads).
+With --bench all, a benchmark whose folder is missing (the dataset folder, or its Test/ or SRIQA MOS folder) is
+listed as skipped; naming a missing benchmark is an error.
+
+Output: one table row per benchmark on stdout: pairs, correct, 2AFC accuracy (delta = 0: a tie counts only for
+g = 0.5), seconds (wall time of the row; the images of one dataset are scored once, with its first benchmark,
+and reused by the others), and for the MOS-labelled sets (sriqa-*, kadid10k, tid2013, pipal) SRCC, PLCC (after
+a 4-parameter logistic fit) and KRCC between -score and MOS (sign flipped because scores are lower-is-better,
+so agreement is positive; SRIQA scenes pooled). The stage-1 score of an image ignores its reference.
+--json FILE writes {benchmark: {"accuracy", "pairs", "correct", "seconds"[, "srcc", "plcc", "krcc", "mos_images"]}}
+for the evaluated benchmarks (skipped ones are left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from afine.benchmarks import Indexes, dataset_of, load_benchmark, missing_folder, parse_benchmarks
+from afine.errors import AfineError
+from afine.evaluation import (
+    STAGE_PARTS,
+    TermCache,
+    close_distributed,
+    compute_terms,
+    init_distributed,
+    item_scores,
+    world,
+)
+from afine.metrics import correlations, two_afc_accuracy
+from afine.model import load_afine
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line AfineErrors (exit 2)."""
+
+    def error(self, message: str):
+        raise AfineError(message)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared with fit_gamma.py."""
+    parser.add_argument("--data-root", required=True, help="folder holding the dataset folders (SPEC section 10)")
+    parser.add_argument("--weights", required=True, help="merged afine.pth or a training run folder")
+    parser.add_argument("--clip", help="CLIP checkpoint, if the weights hold no fine-tuned CLIP")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per CLIP batch (default 16)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="image-decoding DataLoader workers (default min(4, cores))")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise AfineError(f"--workers must be 0 or more, got {args.workers}")
+    if not Path(args.data_root).is_dir():
+        raise AfineError(f"{args.data_root}: --data-root folder not found")
+    if not Path(args.weights).exists():
+        raise AfineError(f"{args.weights}: --weights not found")
+
+
+def pick_device(requested: str | None, distributed: torch.device | None) -> torch.device:
+    if distributed is not None:
+        return distributed
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise AfineError(f"--device {name}: not usable ({str(e).splitlines()[0]})") from None
+    return device
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Atomic JSON write (temp file in the same folder, fsync, replace); NaN becomes null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = json.loads(json.dumps(obj), parse_constant=lambda c: None)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(clean, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluate(model, benches, stage: int, cache: TermCache, **run) -> dict[str, dict]:
+    """Accuracy (and MOS correlations) of every loaded benchmark, sharing `cache` across them."""
+    results = {}
+    done: set[str] = set()
+    for bench in benches:
+        start = time.perf_counter()
+        dataset = dataset_of(bench.name)
+        if dataset not in done:  # the dataset's benchmarks share images: score the union once, with the first
+            done.add(dataset)
+            shared = [it for b in benches if dataset_of(b.name) == dataset for it in b.items()]
+            compute_terms(model, list(dict.fromkeys(shared)), stage, cache, desc=dataset, **run)
+        items = bench.items()
+        scores = dict(zip(items, item_scores(model, cache, items, stage)))
+        u1 = [scores[it] for it in zip(bench.x1, bench.y)]
+        u2 = [scores[it] for it in zip(bench.x2, bench.y)]
+        accuracy, correct, pairs = two_afc_accuracy(u1, u2, bench.g)
+        result = {"accuracy": accuracy, "pairs": pairs, "correct": correct}
+        if bench.mos is not None:
+            result.update(correlations([scores[it] for it in zip(bench.mos_images, bench.mos_refs)], bench.mos))
+            result["mos_images"] = len(bench.mos)
+        result["seconds"] = time.perf_counter() - start
+        results[bench.name] = result
+    return results
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def table(names: list[str], results: dict[str, dict], skipped: dict[str, str]) -> str:
+    head = f"{'benchmark':<12} {'pairs':>7} {'correct':>7} {'accuracy':>8} {'seconds':>8} {'srcc':>7} {'plcc':>7} " \
+           f"{'krcc':>7}"
+    lines = [head]
+    for name in names:
+        if name in skipped:
+            lines.append(f"{name:<12} skipped ({skipped[name]})")
+            continue
+        r = results[name]
+        lines.append(f"{name:<12} {r['pairs']:>7} {r['correct']:>7} {fmt(r['accuracy'], '.4f'):>8} "
+                     f"{r['seconds']:>8.2f} {fmt(r.get('srcc'), '.4f'):>7} {fmt(r.get('plcc'), '.4f'):>7} "
+                     f"{fmt(r.get('krcc'), '.4f'):>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", default="all", help="'all' or a comma list of benchmark names (default all)")
+    parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=3,
+                        help="score: 1 raw naturalness, 2 raw fidelity, 3 D (default)")
+    parser.add_argument("--json", help="write results to this JSON file")
+    add_model_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+        check_model_arguments(args)
+        names = parse_benchmarks(args.bench)
+        all_named = "all" in [n.strip().lower() for n in args.bench.split(",")]
+        skipped = {n: f"no folder {missing_folder(args.data_root, n)}" for n in names
+                   if all_named and missing_folder(args.data_root, n) is not None}
+        indexes = Indexes()
+        benches = [load_benchmark(args.data_root, n, indexes) for n in names if n not in skipped]
+        if not benches:
+            raise AfineError(f"{args.data_root}: none of the benchmark dataset folders is present")
+        device = pick_device(args.device, init_distributed(args.device))
+        model = load_afine(args.clip, args.weights, require=STAGE_PARTS[args.stage]).to(device)
+        cache = TermCache()
+        start = time.perf_counter()
+        results = evaluate(model, benches, args.stage, cache, batch_size=args.batch_size, device=device,
+                           workers=args.workers, progress=not args.no_progress)
+        rank, _ = world()
+        if rank == 0:
+            if args.json:
+                write_json(args.json, results)
+            print(table(names, results, skipped))
+            distinct = len({p for b in benches for it in b.items() for p in (it if args.stage != 1 else it[:1])})
+            print(f"stage {args.stage}: {distinct} distinct images, {cache.encoded} CLIP passes, "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    except AfineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        close_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

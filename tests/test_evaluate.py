@@ -1,0 +1,265 @@
+"""evaluate.py and the cached scorer: hand-counted accuracies, SRIQA pairs, cached == direct, CLI errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from afine.benchmarks import BENCHMARKS, load_benchmark
+from afine.checkpoint import save_network_file
+from afine.evaluation import STAGE_PARTS, TermCache, compute_terms, item_scores, plan, triplet_scores
+from afine.image import load_image
+from afine.metrics import two_afc_accuracy
+from afine.model import AFINE, load_afine
+from afine.synth import generate
+from evaluate import main
+from tests.tiny import random_afine, tiny_clip, write_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- known scores
+
+
+def red_model() -> AFINE:
+    """A stage-1 model whose N_raw is 100 * (mean red value) + 10: a score known from the image alone.
+
+    proj_head = Linear -> GELU -> Linear; hidden unit 0 gets 100 * level-0 mean(R) + 10 >= 10, where GELU is
+    the identity in float32, and the output copies it. Everything else is zero.
+    """
+    model = AFINE(tiny_clip(seed=3))
+    head = model.natural
+    with torch.no_grad():
+        for p in head.proj_head.parameters():
+            p.zero_()
+        head.proj_head[0].weight[0, 0] = 100.0
+        head.proj_head[0].bias[0] = 10.0
+        head.proj_head[2].weight[0, 0] = 1.0
+    return model.eval()
+
+
+def flat(path: Path, red: int, size=(64, 64)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.zeros((*size, 3), dtype=np.uint8)
+    a[..., 0], a[..., 1], a[..., 2] = red, 90, 30
+    Image.fromarray(a).save(path)
+
+
+@pytest.fixture(scope="module")
+def hand(tmp_path_factory):
+    """A stage-1 run folder of red_model and a hand-built corpus: KADID10K and SRIQA-Bench only."""
+    root = tmp_path_factory.mktemp("hand")
+    run = root / "run_s1"
+    run.mkdir()
+    model = red_model()
+    torch.save(model.clip.state_dict(), run / "clip_model.pth")
+    save_network_file(run / "net_qhead.pth", model.natural)
+    data = root / "data"
+    images = data / "KADID10K" / "images"
+    for name, red in {"I01.png": 10, "I01_01_01.png": 50, "I01_01_02.png": 100, "I01_01_03.png": 100,
+                      "I01_01_04.png": 200}.items():
+        flat(images / name, red)
+    lines = [  # u = red: lower is better
+        "I01_01_01.png,I01_01_02.png,I01.png,1,0,0",    # 50 < 100, x1 better: correct
+        "I01_01_02.png,I01_01_03.png,I01.png,0.5,0,0",  # tie, same: correct
+        "I01_01_02.png,I01_01_03.png,I01.png,1,0,0",    # tie, strict label: wrong
+        "I01_01_04.png,I01_01_01.png,I01.png,1,0,0",    # 200 > 50 but x1 said better: wrong
+        "I01_01_04.png,I01_01_01.png,I01.png,0,0,0",    # correct
+        "I01_01_01.png,I01.png,I01.png,0,0,0.5",        # reference as x2, better: correct
+        "I01_01_01.png,I01_01_04.png,I01.png,0.5,0,0",  # not a tie: wrong
+    ]
+    (data / "KADID10K" / "Test" / "Triplet").mkdir(parents=True)
+    (data / "KADID10K" / "Test" / "Triplet" / "Triplet.txt").write_text("\n".join(lines) + "\n")
+    (data / "KADID10K" / "Test" / "MOS").mkdir()
+    (data / "KADID10K" / "Test" / "MOS" / "I01.txt").write_text(
+        "I01_01_01.png,I01.png,4.5,0.1\nI01_01_02.png,I01.png,3.0,0.1\nI01_01_04.png,I01.png,1.0,0.1\n")
+    # SRIQA-Bench: 2 scenes x (original + 10 SR results), method folders; reds and MOS with repeats
+    sriqa = data / "SRIQA-Bench"
+    scenes = {}
+    rng = np.random.default_rng(5)
+    for scene in ("0001", "0002"):
+        reds = [int(v) for v in rng.choice([20, 40, 60, 80], size=11)]
+        mos = [float(v) for v in rng.choice([10.0, 30.0, 50.0, 70.0], size=11)]
+        names = [f"{scene}_Original.png"] + [f"{scene}_M{k}x4.png" for k in range(10)]
+        for k, (name, red) in enumerate(zip(names, reds)):
+            flat(sriqa / "images" / ("Original" if k == 0 else f"M{k}") / name, red, size=(48, 80))
+        order = rng.permutation(11)
+        scenes[scene] = [(names[k], reds[k], mos[k]) for k in order]
+        (sriqa / "MOS").mkdir(parents=True, exist_ok=True)
+        (sriqa / "MOS" / f"{scene}.txt").write_text("".join(f"{n},{m}\n" for n, _, m in scenes[scene]))
+        (sriqa / "MOS_Reg").mkdir(exist_ok=True)
+        reg = [s for s in scenes[scene] if s[0].endswith("_Original.png") or int(s[0].split("_M")[1][0]) < 5]
+        (sriqa / "MOS_Reg" / f"{scene}.txt").write_text("".join(f"{n} {m}\n" for n, _, m in reg))
+        (sriqa / "MOS_Gen").mkdir(exist_ok=True)
+        gen = [s for s in scenes[scene] if s not in reg or s[0].endswith("_Original.png")]
+        (sriqa / "MOS_Gen" / f"{scene}.txt").write_text("".join(f"{n} {m}\n" for n, _, m in gen))
+    return run, data, scenes
+
+
+def run_cli(capsys, *args):
+    code = main(["--no-progress", "--workers", "0", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def hand_count(entries) -> int:
+    """Correct unordered pairs of (name, score, mos) entries; lower score better, higher MOS better."""
+    return sum((ra < rb and ma > mb) or (ra > rb and ma < mb) or (ra == rb and ma == mb)
+               for (_, ra, ma), (_, rb, mb) in itertools.combinations(entries, 2))
+
+
+def test_hand_built_accuracies_equal_hand_counts(hand, capsys, tmp_path):
+    run, data, scenes = hand
+    out_json = tmp_path / "r.json"
+    code, out, err = run_cli(capsys, "--bench", "all", "--data-root", data, "--weights", run, "--stage", "1",
+                             "--json", out_json)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    assert result["kadid10k"]["correct"] == 4 and result["kadid10k"]["pairs"] == 7
+    assert result["kadid10k"]["accuracy"] == 4 / 7
+    # MOS order is exactly the reverse of the red order for the three MOS images
+    assert result["kadid10k"]["srcc"] == pytest.approx(1.0) and result["kadid10k"]["krcc"] == pytest.approx(1.0)
+    expected_all = sum(hand_count(s) for s in scenes.values())
+    assert result["sriqa-all"]["pairs"] == 2 * 55
+    assert result["sriqa-all"]["correct"] == expected_all
+    reg = {k: [e for e in s if e[0].endswith("_Original.png") or int(e[0].split("_M")[1][0]) < 5]
+           for k, s in scenes.items()}
+    assert result["sriqa-reg"]["pairs"] == 2 * 15
+    assert result["sriqa-reg"]["correct"] == sum(hand_count(s) for s in reg.values())
+    assert set(result) == {"kadid10k", "sriqa-all", "sriqa-reg", "sriqa-gen"}
+    assert set(result["kadid10k"]) == {"accuracy", "pairs", "correct", "seconds", "srcc", "plcc", "krcc",
+                                       "mos_images"}
+    # the table lists every benchmark; those without a dataset folder as skipped
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert list(rows) == list(BENCHMARKS)
+    assert "skipped" in rows["tid2013"] and "skipped" in rows["diffiqa-psy"]
+    assert rows["kadid10k"].split()[1:4] == ["7", "4", "0.5714"]
+
+
+def test_sriqa_pairs_every_unordered_pair_with_the_scene_original(hand):
+    _, data, scenes = hand
+    bench = load_benchmark(data, "sriqa-all")
+    assert len(bench.x1) == 110
+    for scene, entries in scenes.items():
+        mine = [(a.name, b.name) for a, b, y in zip(bench.x1, bench.x2, bench.y) if y.name == f"{scene}_Original.png"]
+        assert len(mine) == 55
+        names = [e[0] for e in entries]
+        assert {frozenset(p) for p in mine} == {frozenset(p) for p in itertools.combinations(names, 2)}
+        assert any(f"{scene}_Original.png" in p for p in mine)  # the original is compared too
+    g = {(a.name, b.name): v for a, b, v in zip(bench.x1, bench.x2, bench.g)}
+    mos = {n: m for s in scenes.values() for n, _, m in s}
+    assert all(v == (1.0 if mos[a] > mos[b] else 0.0 if mos[a] < mos[b] else 0.5) for (a, b), v in g.items())
+
+
+def test_named_missing_benchmark_and_unknown_name_are_errors(hand, capsys):
+    run, data, _ = hand
+    for bench in ("tid2013", "kadid10k,nope"):
+        code, out, err = run_cli(capsys, "--bench", bench, "--data-root", data, "--weights", run, "--stage", "1")
+        assert code == 2 and out == ""
+        assert err.startswith("error: ") and err.count("\n") == 1
+    code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", data, "--weights", run)  # stage 3
+    assert code == 2 and "fidelity" in err and out == ""
+
+
+# ---------------------------------------------------------------------------------------------- cached == direct
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root / "data", seed=0, scale="small", progress=False)
+    paths = write_checkpoints(root / "ckpt", random_afine(tiny_clip(seed=4), seed=5))
+    return root / "data", paths
+
+
+def direct(model, bench, stage, keep):
+    """The official tester's way: every kept triplet encodes its three images."""
+    u = np.array([triplet_scores(model, bench.x1[i], bench.x2[i], bench.y[i], stage) for i in keep])
+    return u[:, 0], u[:, 1]
+
+
+@pytest.mark.parametrize("stage,names,batch_size", [
+    (3, BENCHMARKS, 5),
+    (1, ("sriqa-all", "diffiqa-pyy", "kadid10k"), 7),
+    (2, ("sriqa-gen", "diffiqa-nyy", "pipal"), 4),
+])
+def test_cached_accuracies_equal_direct_scoring(corpus, stage, names, batch_size):
+    data, paths = corpus
+    model = load_afine(None, paths["afine"], require=STAGE_PARTS[stage])
+    cache = TermCache()
+    benches = [load_benchmark(data, n) for n in names]
+    every = list(dict.fromkeys(it for b in benches for it in b.items()))
+    compute_terms(model, every, stage, cache, batch_size=batch_size, progress=False)
+    distinct = {p for it in every for p in (it if stage != 1 else it[:1])}
+    assert cache.encoded == len(distinct)  # one CLIP pass per distinct image
+    for bench in benches:
+        items = bench.items()
+        scores = dict(zip(items, item_scores(model, cache, items, stage)))
+        keep = np.unique(np.linspace(0, len(bench.x1) - 1, 24).round().astype(int))  # direct scoring is slow
+        u1 = np.array([scores[(bench.x1[i], bench.y[i])] for i in keep])
+        u2 = np.array([scores[(bench.x2[i], bench.y[i])] for i in keep])
+        d1, d2 = direct(model, bench, stage, keep)
+        np.testing.assert_allclose(u1, d1, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(u2, d2, rtol=1e-4, atol=1e-5)
+        g = np.asarray(bench.g)[keep]
+        assert two_afc_accuracy(u1, u2, g) == two_afc_accuracy(d1, d2, g), bench.name
+
+
+def test_image_with_two_references_is_encoded_once(corpus):
+    data, paths = corpus
+    model = load_afine(None, paths["afine"])
+    images = sorted((data / "KADID10K" / "images").glob("I01*.png"))[:4]  # same size: the reference + 3
+    ref, a, b, c = images
+    items = [(a, ref), (a, b), (b, ref), (ref, ref), (c, b), (c, ref)]  # b is a reference and a test image
+    for batch_size in (1, 2, 5):
+        cache = TermCache()
+        compute_terms(model, items, 3, cache, batch_size=batch_size, progress=False)
+        assert cache.encoded == 4
+        with torch.no_grad():
+            for img, r in items:
+                want = model(load_image(img)[None], load_image(r)[None])["afine_all"].item()
+                assert item_scores(model, cache, [(img, r)], 3)[0] == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_sharded_plans_cover_every_item_once(corpus):
+    data, _ = corpus
+    bench = load_benchmark(data, "kadid10k")
+    items = bench.items()
+    images = list(dict.fromkeys(p for it in items for p in it))
+    encoded, computed = [], []
+    for rank in range(3):
+        work = plan(images, items, 8, rank, 3)
+        encoded += [p for batch in work.batches for p in batch]
+        computed += [(img, ref) for due in work.fidelity for ref, imgs in due.items() for img in imgs]
+        for batch in work.batches:  # one shape per batch
+            assert len({load_image(p).shape for p in batch}) == 1
+    assert sorted(encoded) == sorted(images)
+    assert sorted(computed) == sorted(items)
+
+
+def test_torchrun_two_ranks_equals_one_process(corpus, tmp_path):
+    data, paths = corpus
+    args = ["evaluate.py", "--bench", "kadid10k,diffiqa-psy,sriqa-reg", "--data-root", str(data), "--weights",
+            str(paths["afine"]), "--no-progress", "--workers", "0", "--batch-size", "6", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--json", str(tmp_path / "one.json")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29731", *args, "--json", str(tmp_path / "two.json")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name]["correct"], a[name]["pairs"]) == (b[name]["correct"], b[name]["pairs"])
+    assert two.stdout.count("kadid10k") == 1  # only rank 0 prints
