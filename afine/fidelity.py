@@ -20,9 +20,8 @@ C = 1e-10
 
 def similarity(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [..., T, C] of test and reference (broadcastable) -> S1, S2 per channel [..., C]."""
-    mx, my = x.mean(dim=-2), y.mean(dim=-2)
-    vx = (x - mx.unsqueeze(-2)).square().mean(dim=-2)
-    vy = (y - my.unsqueeze(-2)).square().mean(dim=-2)
+    vx, mx = torch.var_mean(x, dim=-2, correction=0)
+    vy, my = torch.var_mean(y, dim=-2, correction=0)
     cov = (x * y).mean(dim=-2) - mx * my
     s1 = (2 * mx * my + C) / (mx.square() + my.square() + C)
     s2 = (2 * cov + C) / (vx + vy + C)

@@ -59,7 +59,10 @@ class AFINE(nn.Module):
         b = dis.shape[0]
         n = self.natural(x, features)
         ref_index = ref_index.to(x.device) + b
-        f = self.fidelity(x[:b], features[:b], x[ref_index], features[ref_index])
+        if refs.shape[0] == 1:  # one shared reference: broadcast it rather than copy its features B times
+            f = self.fidelity(x[:b], features[:b], x[b:], features[b:])
+        else:
+            f = self.fidelity(x[:b], features[:b], x[ref_index], features[ref_index])
         return self.terms(n[:b], n[ref_index], f)
 
     def forward(self, dis: torch.Tensor, ref: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -14,8 +14,7 @@ from .image import CLIP_MEAN, CLIP_STD
 
 def token_statistics(tokens: torch.Tensor) -> torch.Tensor:
     """[..., T, C] -> [..., 2C]: mean and population variance over tokens, concatenated."""
-    mean = tokens.mean(dim=-2)
-    var = (tokens - mean.unsqueeze(-2)).square().mean(dim=-2)
+    var, mean = torch.var_mean(tokens, dim=-2, correction=0)
     return torch.cat([mean, var], dim=-1)
 
 

@@ -1,0 +1,115 @@
+"""The whole A-FINE pipeline on a synthetic corpus, on CPU, in a few minutes: no weights or datasets needed.
+
+    python demo.py [--out demo_out] [--seed 0]
+
+1. generate a small synthetic IQA corpus in the official dataset layouts (afine.synth)
+2. train stage 1 (CLIP + naturalness head) of a tiny randomly initialised model
+3. fit the stage-3 NR-mapping start on the PIPAL-like training MOS (fit_gamma.py nr)
+4. train stage 2 (fidelity head) and stage 3 (mappings + adapter)
+5. evaluate the untrained and the trained model on every synthetic benchmark (evaluate.py --bench all)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+MARKER = ".afine-demo"
+
+INTRO = """\
+A-FINE demo: the full pipeline on a synthetic corpus with a tiny random CLIP (CPU, a few minutes).
+Accuracies here only show that the pipeline learns; real A-FINE scores need OpenAI's CLIP weights
+(ViT-B-32.pt, e.g. data/ViT-B-32.pt) and the datasets (DiffIQA, KADID10K, PIPAL, TID2013, SRIQA-Bench)
+under one data root such as data/ - see README.md, "Prepare the datasets" and "Train the three stages".
+"""
+
+
+def step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def run(*args: str | Path) -> None:
+    """Run one of the project's scripts; stop the demo with its exit code if it fails."""
+    cmd = [sys.executable, *map(str, args)]
+    print("$ " + " ".join(str(a) for a in args), flush=True)
+    code = subprocess.call(cmd, cwd=ROOT)
+    if code != 0:
+        sys.exit(f"error: demo step failed (exit code {code}): {' '.join(map(str, args))}")
+
+
+def save_untrained_model(path: Path, seed: int) -> None:
+    """The model stage 1 starts from (same random tiny CLIP and head initialisation), as a merged afine.pth."""
+    sys.path.insert(0, str(ROOT))
+    from afine.checkpoint import save_afine
+    from afine.config import RANDOM_TINY, Stage1Config
+    from train_stage1 import build_model
+
+    model = build_model(Stage1Config(clip=RANDOM_TINY, seed=seed))
+    save_afine(path, model.parts())
+
+
+def prepare_out(out: Path) -> None:
+    """A fresh output folder; an earlier demo's folder is replaced, any other folder is left alone."""
+    if out.exists():
+        if not (out / MARKER).is_file():
+            sys.exit(f"error: {out} exists and is not a demo folder; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by demo.py; deleted by the next demo run\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo_out", help="output folder (default demo_out; replaced each run)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    start = time.perf_counter()
+    print(INTRO)
+    prepare_out(out)
+    data, seed = out / "data", str(args.seed)
+
+    step("1/5 synthetic corpus")
+    run("-m", "afine.synth", "--out", data, "--seed", seed, "--scale", "small")
+
+    step("2/5 stage 1: fine-tune the tiny CLIP and train the naturalness head")
+    run("train_stage1.py", "--config", "configs/demo_s1.json", f"--data_root={data}", f"--out_dir={out / 's1'}",
+        f"--seed={seed}")
+
+    step("3/5 fit_gamma: the NR-mapping start for stage 3")
+    run("fit_gamma.py", "nr", "--data-root", data, "--weights", out / "s1", "--out", out / "gamma.json")
+
+    step("4/5 stages 2 and 3: fidelity head, then mappings and adapter")
+    run("train_stage2.py", "--config", "configs/demo_s2.json", f"--data_root={data}", f"--out_dir={out / 's2'}",
+        f"--stage1_dir={out / 's1'}", f"--seed={seed}")
+    run("train_stage3.py", "--config", "configs/demo_s3.json", f"--data_root={data}", f"--out_dir={out / 's3'}",
+        f"--stage1_dir={out / 's1'}", f"--stage2_dir={out / 's2'}", f"--nr_init_file={out / 'gamma.json'}",
+        f"--seed={seed}")
+
+    step("5/5 evaluate on every synthetic benchmark: untrained vs trained")
+    save_untrained_model(out / "untrained" / "afine.pth", args.seed)
+    for name, weights in (("untrained", out / "untrained" / "afine.pth"), ("trained", out / "s3")):
+        run("evaluate.py", "--bench", "all", "--data-root", data, "--weights", weights, "--json",
+            out / f"eval_{name}.json", "--no-progress")
+
+    before = json.loads((out / "eval_untrained.json").read_text())
+    after = json.loads((out / "eval_trained.json").read_text())
+    print(f"\n{'benchmark':<14} {'pairs':>6} {'untrained':>10} {'trained':>9}")
+    for name in after:
+        print(f"{name:<14} {after[name]['pairs']:>6} {before[name]['accuracy']:>10.3f} {after[name]['accuracy']:>9.3f}")
+    better = sum(after[n]["accuracy"] > before[n]["accuracy"] for n in after)
+    print(f"trained beats untrained on {better} of {len(after)} benchmarks; "
+          f"total time {time.perf_counter() - start:.0f} s")
+    print(f"\noutputs in {out}: data/ (corpus), s1/ s2/ s3/ (run folders; s3/afine.pth is the merged model), "
+          f"gamma.json, eval_untrained.json, eval_trained.json")
+    print(f"score your own pairs with it:  python -m afine score --weights {out / 's3' / 'afine.pth'} DIS REF")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""The three training stages on CPU with a tiny random CLIP: what each step trains, the official files,
+exact resume, damaged states, the NaN guard, and validation accuracy against an independent per-image loop."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_stage1
+import train_stage2
+import train_stage3
+from afine import config
+from afine.checkpoint import read_afine_parts, read_network_file
+from afine.datasets import TripletDataset, collate_triplets
+from afine.distributed import Dist
+from afine.errors import AfineError
+from afine.labels import MOSRecord, nlogn_triplets, write_triplets
+from afine.metrics import two_afc_accuracy
+from afine.model import load_afine
+from afine.sampler import ShapeGroupedBatchSampler
+from afine.trainer import check_state_file, distinct_images, state_files
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- corpora
+
+
+def square_corpus(root: Path, refs: int = 2, dists: int = 4, size: int = 64, seed: int = 0) -> Path:
+    """A KADID10K-layout corpus of square images (one shape whatever the augmentation): Train and Validation
+    triplet lists over the same references (nlogn, 6 columns). Distortion d adds noise of strength d, and
+    MOS falls with d, so the labels are learnable."""
+    rng = np.random.default_rng(seed)
+    images = root / "KADID10K" / "images"
+    images.mkdir(parents=True)
+    records = []
+    for r in range(refs):
+        base = rng.uniform(0, 1, (size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1)
+        Image.fromarray((base * 255).astype(np.uint8)).save(images / f"I{r:02d}.png")
+        for d in range(1, dists + 1):
+            noisy = np.clip(base + rng.normal(0, 0.08 * d, base.shape), 0, 1)
+            name = f"I{r:02d}_{d:02d}.png"
+            Image.fromarray((noisy * 255).astype(np.uint8)).save(images / name)
+            records.append(MOSRecord(name, f"I{r:02d}.png", 5.0 - d))
+    for split, s in (("Train", seed), ("Validation", seed + 1)):
+        write_triplets(root / "KADID10K" / split / "Triplet" / "Triplet.txt", nlogn_triplets(records, s))
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: fast on a small, busy machine, and identical arithmetic in every run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    from afine import synth
+
+    root = tmp_path_factory.mktemp("synth")
+    synth.generate(root, seed=0, scale="small", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def square(tmp_path_factory) -> Path:
+    return square_corpus(tmp_path_factory.mktemp("square"))
+
+
+def args(data_root: Path, out: Path, **over) -> list[str]:
+    base = dict(data_root=data_root, out_dir=out, device="cpu", workers=0, batch_size=4, total_iter=2,
+                val_every=0, save_every=0, log_every=1, amp="off", train_datasets="KADID10K",
+                val_datasets="KADID10K")
+    base.update(over)
+    base.setdefault("schedule.periods", "[100]")
+    base.setdefault("schedule.restart_weights", "[1]")
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def stage1_config(data_root, out, **over) -> config.Stage1Config:
+    over = {"clip": "random-tiny", "lr.clip": 1e-3, "lr.natural": 1e-3, **over}
+    return config.parse_args(config.Stage1Config, args(data_root, out, **over))
+
+
+def stage2_config(data_root, out, stage1_dir, **over) -> config.Stage2Config:
+    over = {"stage1_dir": stage1_dir, "lr.fidelity": 1e-2, **over}
+    return config.parse_args(config.Stage2Config, args(data_root, out, **over))
+
+
+def stage3_config(data_root, out, stage2_dir, **over) -> config.Stage3Config:
+    over = {"stage2_dir": stage2_dir, "lr.natural_scale": 1e-2, "lr.fidelity_scale": 1e-2, "lr.adapter": 1e-2,
+            **over}
+    return config.parse_args(config.Stage3Config, args(data_root, out, **over))
+
+
+@pytest.fixture(scope="module")
+def stage1_run(synth, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "s1"
+    train_stage1.train(stage1_config(synth, out, total_iter=3), Dist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage2_run(synth, stage1_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "s2"
+    train_stage2.train(stage2_config(synth, out, stage1_run, total_iter=3), Dist())
+    return out
+
+
+def changed_keys(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def test_distinct_images_encodes_each_image_once():
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    batch = {"x1": x[[0, 1, 2]], "x2": x[[1, 2, 3]], "y": x[[3, 3, 3]],
+             "keys": [("a", "b", "r"), ("b", "c", "r"), ("c", "r", "r")]}
+    images, index = distinct_images(batch)
+    assert images.shape[0] == 4  # a, b, c, r
+    for j, name in enumerate(("x1", "x2", "y")):
+        assert torch.equal(images[index[j]], batch[name])
+    images, index = distinct_images(batch, ("x1", "x2"))
+    assert images.shape[0] == 4 and index.shape == (2, 3)
+
+
+def first_batch(data_root: Path, datasets: list[str], size: int) -> dict:
+    data = TripletDataset.from_lists(data_root, datasets, "Train", seed=0)
+    sampler = ShapeGroupedBatchSampler(data.shape, len(data), size, seed=0)
+    return collate_triplets([data[i] for i in next(iter(sampler))])
+
+
+# ---------------------------------------------------------------------------------------------- what a step trains
+
+
+def test_stage1_step_trains_clip_and_natural_head_only(synth, tmp_path):
+    cfg = stage1_config(synth, tmp_path / "s1", total_iter=1, train_datasets="DiffIQA,KADID10K")
+    before = weights(train_stage1.build_model(cfg))
+    model = train_stage1.train(cfg, Dist())
+    expected = {k for k in before if k.startswith("natural.proj") or (
+        k.startswith("clip.visual.") and not k.startswith(("clip.visual.ln_post", "clip.visual.proj")))}
+    assert changed_keys(before, weights(model)) == expected  # text tower, ln_post, proj: no gradient
+    # the official files hold exactly the trained weights
+    clip_file = torch.load(tmp_path / "s1" / "clip_model.pth", weights_only=True)
+    assert clip_file.keys() == model.clip.state_dict().keys() and "token_embedding.weight" in clip_file
+    assert all(torch.equal(clip_file[k], v) for k, v in model.clip.state_dict().items())
+    head = read_network_file(tmp_path / "s1" / "net_qhead.pth")
+    assert all(torch.equal(head[k], v) for k, v in model.natural.state_dict().items())
+
+
+def test_stage1_gradients_reach_every_clip_block_also_with_checkpointing(synth):
+    cfg = stage1_config(synth, "unused")
+    batch = first_batch(synth, ["DiffIQA"], 4)
+    grads = []
+    for checkpoint_blocks in (False, True):
+        model = train_stage1.build_model(cfg)
+        train_stage1.triplet_losses(model, batch, CPU, "off", checkpoint_blocks).mean().backward()
+        grads.append({n: p.grad for n, p in model.clip.visual.named_parameters()})
+    for name, g in grads[0].items():
+        if name.startswith(("ln_post", "proj")):
+            assert g is None
+        else:
+            assert g is not None and g.abs().sum() > 0, name
+            torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-8)
+
+
+def test_stage2_step_trains_fidelity_head_only_and_encodes_each_image_once(synth, stage1_run, tmp_path,
+                                                                            monkeypatch):
+    cfg = stage2_config(synth, tmp_path / "s2", stage1_run, total_iter=1)
+    before = weights(train_stage2.build_model(cfg))
+    encoded, distinct = [], []
+    encode = train_stage2.AFINE.encode
+    monkeypatch.setattr(train_stage2.AFINE, "encode",
+                        lambda self, images, *a: encoded.append(images.shape[0]) or encode(self, images, *a))
+    losses = train_stage2.triplet_losses
+
+    def counting(model, batch, *a):
+        distinct.append(len({k for triplet in batch["keys"] for k in triplet}))
+        return losses(model, batch, *a)
+
+    monkeypatch.setattr(train_stage2, "triplet_losses", counting)
+    model = train_stage2.train(cfg, Dist())
+    assert encoded == distinct and distinct[0] < 3 * cfg.batch_size
+    assert changed_keys(before, weights(model)) == {"fidelity.alpha", "fidelity.beta"}
+    saved = json.loads((tmp_path / "s2" / "config.json").read_text())
+    assert saved["stage1_dir"] == str(stage1_run.resolve())
+    stage1_clip = torch.load(stage1_run / "clip_model.pth", weights_only=True)
+    assert all(torch.equal(stage1_clip[k], v) for k, v in model.clip.state_dict().items())
+
+
+def test_stage3_step_trains_mappings_and_adapter_only(synth, stage2_run, tmp_path):
+    cfg = stage3_config(synth, tmp_path / "s3", stage2_run, total_iter=1, train_datasets="DiffIQA,KADID10K")
+    train_stage3.resolve_stage_dirs(cfg)
+    before = weights(train_stage3.build_model(cfg))
+    model = train_stage3.train(cfg, Dist())
+    assert changed_keys(before, weights(model)) == {
+        "natural_scale.yita3", "natural_scale.yita4", "fidelity_scale.yita3", "fidelity_scale.yita4", "adapter.k"}
+    assert before["natural_scale.yita3"].item() == pytest.approx(4.9592)
+    assert before["natural_scale.yita4"].item() == pytest.approx(21.5968)
+    saved = json.loads((tmp_path / "s3" / "config.json").read_text())
+    assert saved["stage2_dir"] == str(stage2_run.resolve())
+    assert saved["stage1_dir"] == json.loads((stage2_run / "config.json").read_text())["stage1_dir"]
+
+
+def test_run_folders_load_in_our_tools(synth, stage1_run, stage2_run, tmp_path):
+    cfg = stage3_config(synth, tmp_path / "s3", stage2_run, total_iter=2)
+    trained = train_stage3.train(cfg, Dist())
+    expected = weights(trained)
+    s1 = load_afine(None, stage1_run, require=("natural",))
+    s2 = load_afine(None, stage2_run, require=("natural", "fidelity"))
+    for loaded in (load_afine(None, tmp_path / "s3"), load_afine(None, tmp_path / "s3" / "afine.pth")):
+        got = loaded.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expected.items())
+    for part in ("clip", "natural"):
+        for k, v in getattr(s1, part).state_dict().items():
+            assert torch.equal(v, expected[f"{part}.{k}"])
+    assert all(torch.equal(v, expected[f"fidelity.{k}"]) for k, v in s2.fidelity.state_dict().items())
+    merged = torch.load(tmp_path / "s3" / "afine.pth", weights_only=True)
+    assert sorted(merged) == sorted(["finetuned_clip", "natural", "fidelity", "fidelity_scale", "natural_scale",
+                                     "adapter"])
+    parts, _ = read_afine_parts(tmp_path / "s3")
+    assert set(parts) == set(merged)
+
+
+def test_stage3_starts_from_fit_gamma_output(synth, stage2_run, tmp_path):
+    fit = tmp_path / "fit_gamma.json"
+    fit.write_text(json.dumps({"yita3": 0.25, "yita4": 3.0, "scale": 1}))
+    cfg = stage3_config(synth, tmp_path / "s3", stage2_run, nr_init_file=fit)
+    train_stage3.resolve_stage_dirs(cfg)
+    train_stage3.read_nr_init(cfg)
+    model = train_stage3.build_model(cfg)
+    assert (model.natural_scale.yita3.item(), model.natural_scale.yita4.item()) == (0.25, 3.0)
+    fit.write_text(json.dumps({"g3": 1}))
+    with pytest.raises(AfineError, match="yita3"):
+        train_stage3.read_nr_init(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- AMP
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_steps(square, tmp_path, amp):
+    cfg = stage1_config(square, tmp_path / "s1", amp=amp, total_iter=2)
+    before = weights(train_stage1.build_model(cfg))
+    model = train_stage1.train(cfg, Dist())
+    after = weights(model)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert changed_keys(before, after)
+    state = torch.load(state_files(tmp_path / "s1" / "state")[0][1], weights_only=True)
+    assert bool(state["scaler"]) == (amp == "fp16")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def run_uninterrupted(square, out, **over):
+    return weights(train_stage1.train(stage1_config(square, out, **over), Dist()))
+
+
+def kill_at(monkeypatch, step: int):
+    """Make the training loop die (like a kill) while computing step `step`."""
+    losses = train_stage1.triplet_losses
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return losses(*a, **k)
+
+    monkeypatch.setattr(train_stage1, "triplet_losses", dying)
+
+
+def test_killed_run_resumes_bitwise(square, tmp_path, monkeypatch):
+    over = dict(total_iter=8, save_every=2, train_datasets="KADID10K")  # 20 triplets: 5 steps an epoch
+    reference = run_uninterrupted(square, tmp_path / "a", **over)
+    kill_at(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1.train(stage1_config(square, tmp_path / "b", **over), Dist())
+    monkeypatch.undo()
+    assert [s for s, _ in state_files(tmp_path / "b" / "state")] == [6, 4]  # the last two kept
+    resumed = weights(train_stage1.train(stage1_config(square, tmp_path / "b", **over), Dist()))
+    assert all(torch.equal(resumed[k], v) for k, v in reference.items())
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "log.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, 9))  # every step logged once, the re-run ones included
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_state_is_detected_and_the_previous_one_used(square, tmp_path, capsys, damage):
+    over = dict(total_iter=6, save_every=2)
+    reference = run_uninterrupted(square, tmp_path / "a", **over)
+    newest = tmp_path / "a" / "state" / "step_00000006.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 2] ^= 0xFF
+        newest.write_bytes(data)
+    assert check_state_file(newest) is None
+    capsys.readouterr()
+    resumed = weights(train_stage1.train(stage1_config(square, tmp_path / "a", **over), Dist()))
+    err = capsys.readouterr().err
+    assert "step_00000006.pt: training state damaged" in err and "step_00000004.pt" in err
+    assert all(torch.equal(resumed[k], v) for k, v in reference.items())
+    assert check_state_file(newest) is not None  # rewritten by the re-run steps
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_state(square, tmp_path, monkeypatch, capsys):
+    losses = train_stage1.triplet_losses
+    calls = []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        out = losses(*a, **k)
+        return out * float("nan") if len(calls) == 3 else out
+
+    monkeypatch.setattr(train_stage1, "triplet_losses", poisoned)
+    argv = args(square, tmp_path / "s1", total_iter=5, save_every=2, **{"clip": "random-tiny"})
+    assert train_stage1.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: step 3: loss is nan")
+    states = state_files(tmp_path / "s1" / "state")
+    assert [s for s, _ in states] == [2] and check_state_file(states[0][1]) is not None
+    good = torch.load(states[0][1], weights_only=True)
+    head = read_network_file(tmp_path / "s1" / "net_qhead.pth")
+    assert all(torch.equal(head[k], v) for k, v in good["modules"]["natural"].items())
+    assert all(math.isfinite(v) for t in good["modules"]["clip"].values() for v in t.flatten()[:50].tolist())
+
+
+def test_finished_run_is_kept_unless_told(square, tmp_path, capsys):
+    argv = args(square, tmp_path / "s1", total_iter=2, **{"clip": "random-tiny"})
+    assert train_stage1.main(argv) == 0
+    first = (tmp_path / "s1" / "net_qhead.pth").read_bytes()
+    assert train_stage1.main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert train_stage1.main([*argv, "--resume=false"]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert train_stage1.main([*argv, "--batch_size=2"]) == 2  # resuming with a different trajectory
+    assert "batch_size" in capsys.readouterr().err
+    assert train_stage1.main([*argv, "--resume=false", "--overwrite=true"]) == 0
+    assert (tmp_path / "s1" / "net_qhead.pth").read_bytes() == first  # same seed, fresh run: same weights
+    assert train_stage1.main([*argv, "--total_iter=3"]) == 0  # extend a finished run
+    assert [s for s, _ in state_files(tmp_path / "s1" / "state")] == [3, 2]
+
+
+def test_user_mistakes_are_one_line_errors(square, tmp_path, capsys):
+    assert train_stage2.main(args(square, tmp_path / "s2", stage1_dir=tmp_path / "nowhere")) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "clip_model.pth" in captured.err
+    assert train_stage1.main(args(tmp_path / "nodata", tmp_path / "s1", clip="random-tiny")) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def test_validation_accuracy_matches_a_per_image_loop(synth, stage1_run, tmp_path):
+    cfg = stage2_config(synth, tmp_path / "s2", stage1_run, total_iter=1, val_every=1, batch_size=8,
+                        val_datasets="PIPAL")
+    train_stage2.train(cfg, Dist())
+    logged = [r for r in map(json.loads, (tmp_path / "s2" / "log.jsonl").read_text().splitlines()) if "val" in r]
+    assert [r["step"] for r in logged] == [0, 1]
+    model = load_afine(None, tmp_path / "s2", require=("fidelity",))  # the weights after step 1
+    data = TripletDataset.from_lists(synth, ["PIPAL"], "Validation", augment=False)
+    u1, u2, g = [], [], []
+    with torch.no_grad():
+        for i in range(len(data)):
+            item = data[i]
+            x1, f1 = model.encode(item["x1"][None])
+            x2, f2 = model.encode(item["x2"][None])
+            y, fy = model.encode(item["y"][None])
+            u1.append(model.fidelity(x1, f1, y, fy).item())
+            u2.append(model.fidelity(x2, f2, y, fy).item())
+            g.append(item["g12"].item())
+    accuracy, _, pairs = two_afc_accuracy(u1, u2, g)
+    assert logged[-1]["val_pairs"] == pairs
+    assert logged[-1]["val"]["PIPAL"] == pytest.approx(accuracy, abs=1e-9)
