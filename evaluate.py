@@ -24,16 +24,15 @@ for the evaluated benchmarks (skipped ones are left out).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from afine.atomic import write_json
 from afine.benchmarks import Indexes, dataset_of, load_benchmark, missing_folder, parse_benchmarks
 from afine.errors import AfineError
 from afine.evaluation import (
@@ -89,24 +88,6 @@ def pick_device(requested: str | None, distributed: torch.device | None) -> torc
     except (RuntimeError, AssertionError) as e:
         raise AfineError(f"--device {name}: not usable ({str(e).splitlines()[0]})") from None
     return device
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Atomic JSON write (temp file in the same folder, fsync, replace); NaN becomes null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean = json.loads(json.dumps(obj), parse_constant=lambda c: None)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(clean, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def evaluate(model, benches, stage: int, cache: TermCache, **run) -> dict[str, dict]:

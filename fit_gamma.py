@@ -30,13 +30,14 @@ import numpy as np
 from scipy import optimize
 from scipy.special import expit
 
+from afine.atomic import write_json
 from afine.benchmarks import Indexes, sriqa_scene
 from afine.datasets import ImageIndex, dataset_dir, images_dir, sriqa_mos_files
 from afine.errors import AfineError
 from afine.evaluation import STAGE_PARTS, close_distributed, init_distributed, score_items, world
 from afine.labels import normalise_pipal_mos, read_mos_folder
 from afine.model import load_afine
-from evaluate import Parser, add_model_arguments, check_model_arguments, pick_device, write_json
+from evaluate import Parser, add_model_arguments, check_model_arguments, pick_device
 
 
 def logistic(x: np.ndarray, e1: float, e2: float, g3: float, g4: float) -> np.ndarray:

@@ -89,20 +89,9 @@ def train(cfg: Stage1Config, d: Dist) -> AFINE:
     model = build_model(cfg).to(d.device)
     trained = {"clip": model.clip, "natural": model.natural}
     t = Trainer(cfg, d, model, trained, {"clip": cfg.lr.clip, "natural": cfg.lr.natural}, data)
-    try:
-        def scores(batch):
-            return validation_scores(model, batch, d.device, cfg.amp)
-
-        if t.should_validate():
-            t.validate(scores, val_sets)
-        for batch in t:
-            t.update(triplet_losses(model, batch, d.device, cfg.amp, cfg.checkpoint_blocks))
-            if t.should_validate():
-                t.validate(scores, val_sets)
-            if t.should_save():
-                t.save(lambda out: write_official_files(model, out))
-    finally:
-        t.close()
+    t.fit(losses=lambda batch: triplet_losses(model, batch, d.device, cfg.amp, cfg.checkpoint_blocks),
+          scores=lambda batch: validation_scores(model, batch, d.device, cfg.amp),
+          val_sets=val_sets, write_official_files=lambda out: write_official_files(model, out))
     return model
 
 

@@ -67,20 +67,9 @@ def train(cfg: Stage2Config, d: Dist) -> AFINE:
     val_sets = validation_sets(cfg.data_root, cfg.val_datasets) if cfg.val_every else []
     model = build_model(cfg).to(d.device)
     t = Trainer(cfg, d, model, {"fidelity": model.fidelity}, {"fidelity": cfg.lr.fidelity}, data)
-    try:
-        def scores(batch):
-            return fidelity_scores(model, batch, d.device, cfg.amp)
-
-        if t.should_validate():
-            t.validate(scores, val_sets)
-        for batch in t:
-            t.update(triplet_losses(model, batch, d.device, cfg.amp))
-            if t.should_validate():
-                t.validate(scores, val_sets)
-            if t.should_save():
-                t.save(lambda out: write_official_files(model, out))
-    finally:
-        t.close()
+    t.fit(losses=lambda batch: triplet_losses(model, batch, d.device, cfg.amp),
+          scores=lambda batch: fidelity_scores(model, batch, d.device, cfg.amp),
+          val_sets=val_sets, write_official_files=lambda out: write_official_files(model, out))
     return model
 
 

@@ -114,20 +114,9 @@ def train(cfg: Stage3Config, d: Dist) -> AFINE:
     lrs = {"natural_scale": cfg.lr.natural_scale, "fidelity_scale": cfg.lr.fidelity_scale,
            "adapter": cfg.lr.adapter}
     t = Trainer(cfg, d, model, trained, lrs, data)
-    try:
-        def scores(batch):
-            return distortion_scores(model, batch, d.device, cfg.amp)
-
-        if t.should_validate():
-            t.validate(scores, val_sets)
-        for batch in t:
-            t.update(triplet_losses(model, batch, d.device, cfg.amp))
-            if t.should_validate():
-                t.validate(scores, val_sets)
-            if t.should_save():
-                t.save(lambda out: write_official_files(model, out))
-    finally:
-        t.close()
+    t.fit(losses=lambda batch: triplet_losses(model, batch, d.device, cfg.amp),
+          scores=lambda batch: distortion_scores(model, batch, d.device, cfg.amp),
+          val_sets=val_sets, write_official_files=lambda out: write_official_files(model, out))
     return model
 
 

@@ -6,13 +6,12 @@ Every read error is an AfineError naming the file (and the keys at fault); every
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .clip import CLIP, read_clip_state_dict
 from .errors import AfineError
 
@@ -28,26 +27,8 @@ PART_FILES = {
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save through a temp file in the same folder, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-    except OSError:
-        pass
+    """torch.save through a temp file, fsync, then rename: never a half-written checkpoint."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def torch_load(path: str | Path):

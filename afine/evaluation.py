@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from . import distributed
 from .errors import AfineError
 from .image import image_size, load_image
 from .model import AFINE, HEADS
@@ -289,23 +290,14 @@ def triplet_scores(model: AFINE, x1: Path, x2: Path, y: Path, stage: int,
 
 
 def init_distributed(requested: str | None = None) -> torch.device | None:
-    """Join the torchrun process group when launched by torchrun; None when not under torchrun.
+    """Join torchrun's process group (afine.distributed.setup); None when not launched by torchrun.
 
     nccl on cuda:LOCAL_RANK when CUDA is available and no CPU device was requested, else gloo on the CPU.
     Returns the rank's device.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return None
-    if torch.cuda.is_available() and not (requested or "").startswith("cpu"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise AfineError(f"LOCAL_RANK {local}: only {torch.cuda.device_count()} CUDA devices; "
-                             "use fewer processes per node or --device cpu")
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
+    return distributed.setup("cpu" if (requested or "").startswith("cpu") else "auto").device
 
 
 def close_distributed() -> None:

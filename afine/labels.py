@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text
 from .errors import AfineError
 
 LABELS = (0.0, 0.5, 1.0)
@@ -155,22 +154,6 @@ def read_sriqa_mos(path: str | Path) -> list[tuple[str, float]]:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _write_text(path: str | Path, text: str) -> None:
-    """Atomic write: temp file in the same folder, fsync, replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(value: float) -> str:
     """Shortest text that reads back to the same float; labels print as 0, 0.5, 1."""
     value = float(value)
@@ -183,7 +166,7 @@ def write_mos(path: str | Path, records: list[MOSRecord]) -> None:
     for r in records:
         fields = [r.dis, r.ref, _fmt(r.mos)] + ([] if r.var is None else [_fmt(r.var)])
         lines.append(",".join(fields))
-    _write_text(path, "".join(line + "\n" for line in lines))
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 def write_triplets(path: str | Path, triplets: list[Triplet]) -> None:
@@ -197,7 +180,7 @@ def write_triplets(path: str | Path, triplets: list[Triplet]) -> None:
             if g not in LABELS:
                 raise AfineError(f"{path}: triplet ({t.x1}, {t.x2}, {t.y}) has label {g!r}, not 0, 0.5 or 1")
         lines.append(",".join([t.x1, t.x2, t.y] + [_fmt(g) for g in labels]))
-    _write_text(path, "".join(line + "\n" for line in lines))
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 # ---------------------------------------------------------------------------------------------- label tools
@@ -294,7 +277,7 @@ def lowercase_tid2013(root: str | Path) -> dict[str, int]:
     for path in label_files:
         text = path.read_text(encoding="utf-8-sig")
         if text != text.lower():
-            _write_text(path, text.lower())
+            write_text(path, text.lower())
             counts["label_files_rewritten"] += 1
         if path.parent.name == "MOS":
             counts["label_files_renamed"] += _rename_lower(path)

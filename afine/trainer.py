@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from . import config as configs
 from . import distributed
+from .atomic import write_json
 from .checkpoint import PART_FILES, atomic_save, load_strict
 from .datasets import (
     ImageIndex,
@@ -134,16 +135,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def state_files(state_dir: Path) -> list[tuple[int, Path]]:
@@ -455,6 +446,24 @@ class Trainer:
         if self.log_file is not None:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
+
+    def fit(self, losses, scores, val_sets: list[tuple[str, TripletDataset]], write_official_files) -> None:
+        """The training loop every stage shares: validate at the start and every val_every steps, one
+        optimiser step per batch (`losses(batch)` -> per-triplet losses [B]), save every save_every steps.
+
+        `scores(batch)` -> (u1, u2) for validation; `write_official_files(out_dir)` writes the stage's files.
+        """
+        try:
+            if self.should_validate():
+                self.validate(scores, val_sets)
+            for batch in self:
+                self.update(losses(batch))
+                if self.should_validate():
+                    self.validate(scores, val_sets)
+                if self.should_save():
+                    self.save(write_official_files)
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:
