@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write
-from .clip import CLIP, read_clip_state_dict
+from .clip import ARCHIVE_SCALARS, CLIP, read_clip_state_dict
 from .errors import AfineError
 
 # Parts of the merged file, in the official order, and the per-network file holding each.
@@ -161,7 +161,8 @@ def read_clip_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def build_clip(state_dict: dict[str, torch.Tensor], source: str) -> CLIP:
-    """A float32 CLIP whose architecture follows the state dict's shapes."""
+    """A float32 CLIP whose architecture follows the state dict's shapes (archive metadata entries ignored)."""
+    state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALARS}
     try:
         config = CLIP.config_from_state_dict(state_dict)
     except ValueError as e:

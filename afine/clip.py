@@ -101,12 +101,23 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 (kernel = stride = patch) as one matrix product over flattened patches -> tokens [B, T, W].
+
+        Same result as the convolution, but exact float32 on GPUs, where cuDNN convolutions default to TF32.
+        """
+        b, c, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        weight = self.conv1.weight
+        return patches.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).T
+
     def forward(self, x: torch.Tensor, checkpoint_blocks: bool = False) -> list[torch.Tensor]:
         """Normalised images [B, 3, H, W] (H, W multiples of the patch) -> per-block patch tokens, each [B, T, W].
 
         `checkpoint_blocks` recomputes each block in the backward pass to save activation memory.
         """
-        x = self.conv1(x.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [B, T, W]
+        x = self.embed_patches(x)  # [B, T, W]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
         x = x + resize_positional_embedding(self.positional_embedding, x.shape[1]).to(x.dtype)
