@@ -109,8 +109,10 @@ def main() -> None:
     counts = {k: list(outcome.values()).count(k) for k in ("better", "equal", "worse")}
     print(f"trained vs untrained: better on {counts['better']}, equal on {counts['equal']}, worse on "
           f"{counts['worse']} of {len(after)} benchmarks; total time {time.perf_counter() - start:.0f} s")
-    print("(an untrained accuracy of 1.000 cannot be beaten: e.g. diffiqa-nyy pairs an image with its own reference,\n"
-          " which fidelity alone always ranks first, and the label agrees)")
+    print("(the untrained model's naturalness head is flat, so it ranks by fidelity alone; that fails where the\n"
+          " reference is worse than the images under test - DiffIQA's P images, SR results that beat SRIQA's\n"
+          " Original photo - which is what A-FINE's training fixes. diffiqa-nyy pairs each image with its own\n"
+          " reference: fidelity alone is always right there, so 1.000 untrained cannot be beaten)")
     print(f"\noutputs in {out}: data/ (corpus), s1/ s2/ s3/ (run folders; s3/afine.pth is the merged model), "
           f"gamma.json, eval_untrained.json, eval_trained.json")
     print(f"score your own pairs with it:  python -m afine score --weights {out / 's3' / 'afine.pth'} DIS REF")

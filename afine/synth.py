@@ -14,11 +14,18 @@ for a seed whatever the order of generation.
   triplets are afine.labels' "nlogn" lists.
 - DiffIQA: a clean source is degraded (blur + noise + JPEG at severity s_ref) to make the reference;
   "generated" images are the source at a lower severity plus faint hallucinated texture (P, better than
-  the reference), at about the same severity with a fresh realisation (S, similar), or at a higher
-  severity with strong texture artefacts (N, worse).
-- SRIQA-Bench: per scene, 10 simulated x4 super-resolution results of a clean high-res image: regression
-  methods blend the bicubic upsampling towards the original (blurry), generative ones recover more
-  detail but add ringing and hallucinated texture. MOS = 100 * (1 - degradation) with a small jitter.
+  the reference), at about the same severity with a fresh realisation (S, similar), or worse (N): half
+  of them the source at a higher severity with strong texture artefacts, half the reference itself
+  blurred and overlaid with hallucinated texture. Those last stay so close to the reference pixel for
+  pixel that fidelity alone ranks them above P and S images; only naturalness tells them apart, which
+  is the situation A-FINE was made for (a reference worse than the images under test).
+- SRIQA-Bench: per scene, an Original photo with flaws of its own (blur, noise and JPEG at a per-scene
+  severity) and 10 simulated x4 super-resolution results from it: regression methods blend its bicubic
+  upsampling towards the clean scene (blurry), generative ones recover more of the clean detail but add
+  hallucinated texture. MOS = 100 * (1 - degradation) with a small jitter, so the better SR results
+  outscore the Original, as in the real benchmark.
+- gan_texture (PIPAL) costs less quality per level than blur or noise: people prefer invented texture
+  to blur at equal fidelity, the finding PIPAL was built to show.
 
 DiffIQA type letters (our reading): the first two letters are the classes of x1 and x2, the third is
 the reference y. P = better than the reference, S = similar, N = worse, Y = the reference itself.
@@ -73,13 +80,13 @@ class Scale:
 
 SCALES = {
     "small": Scale(
-        references=10,
+        references=30,
         kadid_types=("blur", "motion_blur", "noise", "jpeg", "saturation", "contrast"),
         pipal_types=("sr_bicubic", "gan_texture", "blur", "noise", "jpeg"),
         tid_types=("noise", "impulse", "blur", "jpeg", "quantise", "contrast"),
         size={"KADID10K": ((64, 96), (72, 96)), "PIPAL": ((64, 64), (80, 72)), "TID2013": ((64, 96), (64, 88)),
               "DiffIQA": ((64, 64), (96, 80)), "SRIQA-Bench": ((96, 96), (80, 112))},
-        diffiqa_references=20, diffiqa_per_class=2, sriqa_scenes=4),
+        diffiqa_references=60, diffiqa_per_class=4, sriqa_scenes=8),
     "medium": Scale(
         references=20,
         kadid_types=("blur", "motion_blur", "noise", "jpeg", "saturation", "contrast", "colour_cast",
@@ -297,7 +304,7 @@ DISTORTIONS = {
     "jpeg": (jpeg, 0.80), "saturation": (saturation, 0.50), "contrast": (contrast, 0.60),
     "colour_cast": (colour_cast, 0.60), "brightness": (brightness, 0.55), "pixelate": (pixelate, 0.85),
     "quantise": (quantise, 0.70), "oversharpen": (oversharpen, 0.55), "chromatic": (chromatic, 0.55),
-    "sr_bicubic": (sr_bicubic, 0.75), "gan_texture": (gan_texture, 0.70), "mixed": (mixed, 0.90),
+    "sr_bicubic": (sr_bicubic, 0.75), "gan_texture": (gan_texture, 0.35), "mixed": (mixed, 0.90),
 }
 
 
@@ -424,13 +431,21 @@ def _degrade(x: np.ndarray, severity: float, rng: np.random.Generator) -> np.nda
     return _jpeg(x, round(92 - 70 * severity))
 
 
-def generated_image(source: np.ndarray, cls: str, severity: float, rng: np.random.Generator) -> np.ndarray:
-    """A 'diffusion output' of class P (better than the reference at `severity`), S (similar) or N (worse)."""
+def generated_image(source: np.ndarray, reference: np.ndarray, cls: str, severity: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """A 'diffusion output' of class P (better than the reference at `severity`), S (similar) or N (worse).
+
+    Half the N images are the reference itself, blurred further and overlaid with hallucinated texture:
+    they stay close to the reference pixel for pixel, so fidelity alone ranks them above P and S images,
+    which differ from the reference everywhere (new noise, restored detail). Only naturalness tells.
+    """
     if cls == "P":
         x = _degrade(source, max(0.0, severity - rng.uniform(0.3, 0.4)), rng)
         return _hallucination(x, rng, 0.02)
     if cls == "S":
         return _hallucination(_degrade(source, severity + rng.uniform(-0.03, 0.03), rng), rng, 0.03)
+    if rng.random() < 0.5:
+        return _hallucination(_blur(reference, rng.uniform(1.0, 1.5)), rng, rng.uniform(0.05, 0.08))
     x = _degrade(source, min(1.0, severity + rng.uniform(0.25, 0.35)), rng)
     return _hallucination(x, rng, 0.15)
 
@@ -476,12 +491,13 @@ def build_diffiqa(root: Path, scale: Scale, seed: int, bar: tqdm) -> str:
             source = natural_image(_rng(seed, name, 0, i), h, w)
             rng = _rng(seed, name, 1, i)
             severity = rng.uniform(0.4, 0.6)
-            save_image(images / "Original" / f"{stem}.png", _degrade(source, severity, rng))
+            reference = _degrade(source, severity, rng)
+            save_image(images / "Original" / f"{stem}.png", reference)
             bar.update()
             classes = rng.permutation(np.repeat(np.array(list("PSN")), scale.diffiqa_per_class))
             members = []
             for nn, cls in enumerate(classes.tolist(), 1):
-                x = generated_image(source, cls, severity, _rng(seed, name, 2, i, nn))
+                x = generated_image(source, reference, cls, severity, _rng(seed, name, 2, i, nn))
                 save_image(images / f"{nn:02d}" / f"{stem}_{nn:02d}.png", np.clip(x, 0.0, 1.0))
                 bar.update()
                 members.append((f"{stem}_{nn:02d}.png", cls))
@@ -512,19 +528,26 @@ SR_METHODS = (
 )
 
 
-def super_resolve(hr: np.ndarray, detail: float, artefacts: float, rng: np.random.Generator) -> np.ndarray:
-    """Simulated x4 SR of `hr`: bicubic upsampling of its 4x4-mean downsampling, blended towards `hr` by
-    `detail`, plus ringing and hallucinated texture scaled by `artefacts`."""
-    h, w, _ = hr.shape
-    low = hr.reshape(h // 4, 4, w // 4, 4, 3).mean(axis=(1, 3))
-    x = (1.0 - detail) * _resize(low, h, w) + detail * hr
+def super_resolve(original: np.ndarray, clean: np.ndarray, detail: float, artefacts: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Simulated x4 SR of the photo `original`: bicubic upsampling of its 4x4-mean downsampling, blended by
+    `detail` towards the `clean` scene (restored detail, free of the photo's flaws), plus hallucinated
+    texture scaled by `artefacts`."""
+    h, w, _ = original.shape
+    low = original.reshape(h // 4, 4, w // 4, 4, 3).mean(axis=(1, 3))
+    x = (1.0 - detail) * _resize(low, h, w) + detail * clean
     if artefacts > 0:
-        x = _hallucination(x + 1.5 * artefacts * (x - _blur(x, 1.0)), rng, 0.4 * artefacts)
+        x = _hallucination(x, rng, 0.4 * artefacts)
     return np.clip(x, 0.0, 1.0)
 
 
 def build_sriqa(root: Path, scale: Scale, seed: int, bar: tqdm) -> str:
-    """images/<folder>/<scene>_<Method>x4.png, images/Original/<scene>_Original.png, MOS, MOS_Reg, MOS_Gen."""
+    """images/<folder>/<scene>_<Method>x4.png, images/Original/<scene>_Original.png, MOS, MOS_Reg, MOS_Gen.
+
+    As in the real benchmark, the Original is a photo with flaws of its own (blur, noise, JPEG at a
+    per-scene severity), so the better SR results outscore it: MOS = 100 (1 - degradation) with the
+    Original's degradation 0.7 x severity, each SR result's 0.6 (1 - r) + 0.5 a, plus a small jitter.
+    """
     name = "SRIQA-Bench"
     for folder in ["Original"] + [m[1] for m in SR_METHODS]:
         (root / "images" / folder).mkdir(parents=True)
@@ -533,15 +556,18 @@ def build_sriqa(root: Path, scale: Scale, seed: int, bar: tqdm) -> str:
     for i in range(scale.sriqa_scenes):
         scene = f"{i + 1:04d}"
         h, w = _size(scale, name, i)
-        hr = natural_image(_rng(seed, name, 0, i), h, w)
+        clean = natural_image(_rng(seed, name, 0, i), h, w)
         rng = _rng(seed, name, 1, i)
-        save_image(root / "images" / "Original" / f"{scene}_Original.png", hr)
+        severity = rng.uniform(0.15, 0.45)
+        original = np.clip(_degrade(clean, severity, rng), 0.0, 1.0)
+        save_image(root / "images" / "Original" / f"{scene}_Original.png", original)
         bar.update()
-        scores = [(f"{scene}_Original.png", round(100.0 * (1.0 - rng.uniform(0.0, 0.05)), 2), None)]
+        mos = 100.0 * (1.0 - 0.7 * severity) + rng.normal(0.0, 1.5)
+        scores = [(f"{scene}_Original.png", round(float(np.clip(mos, 0.0, 100.0)), 2), None)]
         for m, (method, folder, generative, detail, artefacts) in enumerate(SR_METHODS):
             detail = float(np.clip(detail + rng.uniform(-0.06, 0.06), 0.0, 1.0))
             artefacts = float(np.clip(artefacts + rng.uniform(-0.05, 0.05), 0.0, 1.0)) if generative else 0.0
-            x = super_resolve(hr, detail, artefacts, _rng(seed, name, 2, i, m))
+            x = super_resolve(original, clean, detail, artefacts, _rng(seed, name, 2, i, m))
             file = f"{scene}_{method}x4.png"
             save_image(root / "images" / folder / file, x)
             bar.update()

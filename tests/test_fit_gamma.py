@@ -10,7 +10,7 @@ import pytest
 from afine.evaluation import score_items
 from afine.labels import MOSRecord, read_mos, write_mos
 from afine.model import load_afine
-from afine.synth import generate
+from afine.synth import SCALES, generate
 from fit_gamma import fit_logistic, logistic, main, nr_data, scale_data
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
@@ -71,7 +71,7 @@ def test_nr_cli_recovers_known_parameters(corpus, tmp_path, capsys):
     fitted = json.loads(out.read_text())
     assert fitted["yita3"] == pytest.approx(g3, rel=1e-3, abs=1e-4 * g4)
     assert fitted["yita4"] == pytest.approx(g4, rel=1e-3)
-    assert fitted["images"] == len(items) == 7 * 20
+    assert fitted["images"] == len(items) == 21 * 20  # 21 training references x 20 distorted
     assert stdout.splitlines()[0].split()[0] == "yita3"
 
 
@@ -87,7 +87,7 @@ def test_scale_cli_recovers_known_parameters(corpus, tmp_path, capsys):
         lines = file.read_text().splitlines()
         file.write_text("".join(f"{line.split(',')[0]},{float(mos[k + i])!r}\n" for i, line in enumerate(lines)))
         k += len(lines)
-    assert k == len(items) == 44
+    assert k == len(items) == 11 * SCALES["small"].sriqa_scenes
     out = tmp_path / "scale.json"
     code = main(["scale", "--data-root", str(data), "--weights", str(paths["folder"]), "--out", str(out),
                  "--no-progress", "--workers", "0"])

@@ -132,7 +132,7 @@ def test_traditional_layout_and_labels(corpus, name):
             assert t.g12 == (1.0 if mos[t.x1] > mos[t.x2] else 0.0 if mos[t.x1] < mos[t.x2] else 0.5)
             for n in (t.x1, t.x2, t.y):
                 assert index[n].parent == root / "images"
-    assert [len(refs_per_split[s]) for s in SPLITS] == [7, 1, 2]  # 7:1:2 of 10 references
+    assert [len(refs_per_split[s]) for s in SPLITS] == [21, 3, 6]  # 7:1:2 of 30 references
     assert set.union(*refs_per_split.values()) == {Path(f).stem for f in refs}
     assert seen == distorted  # every distorted image has exactly one MOS line in exactly one split
 
@@ -169,7 +169,7 @@ def test_sizes_match_and_some_are_not_multiples_of_32(corpus):
     for split in SPLITS:
         for ref in (corpus / "DiffIQA" / split / "images" / "Original").glob("*.png"):
             generated = list((corpus / "DiffIQA" / split / "images").glob(f"*/{ref.stem}_*.png"))
-            assert len(generated) == 6
+            assert len(generated) == 3 * synth.SCALES["small"].diffiqa_per_class
             assert {image_size(p) for p in generated} == {image_size(ref)}
             sizes.append(image_size(ref))
     odd = [s for s in sizes if s[0] % 32 or s[1] % 32]
@@ -217,7 +217,7 @@ def test_diffiqa_layout_and_type_lists(corpus, split):
     assert sorted(classes) == sorted(p.name for p in generated)  # every generated image is in some list
     for stem in stems:
         mine = [c for n, c in classes.items() if n.startswith(stem + "_")]
-        assert sorted(mine) == ["N", "N", "P", "P", "S", "S"]
+        assert sorted(mine) == sorted("NPS" * synth.SCALES["small"].diffiqa_per_class)
 
 
 def test_diffiqa_train_triplets_follow_classes(corpus):
@@ -240,7 +240,9 @@ def error_to(source: np.ndarray, path: Path) -> float:
 
 
 def test_diffiqa_classes_are_what_the_letters_say(corpus):
-    """P closer to the clean source than the reference, N farther (the source is re-made from its seed)."""
+    """P closer to the clean source than the reference, S about as close, N farther (the source is re-made
+    from its seed). The N images made from the reference itself are only a little farther (blurred further,
+    with invented texture), so the margin for N is small."""
     root = corpus / "DiffIQA" / "Test"
     classes = diffiqa_classes(corpus, "Test")
     for ref in sorted((root / "images" / "Original").glob("*.png")):
@@ -254,7 +256,7 @@ def test_diffiqa_classes_are_what_the_letters_say(corpus):
             if c == "P":
                 assert e < 0.9 * reference
             elif c == "N":
-                assert e > 1.2 * reference
+                assert e > 1.05 * reference
             else:
                 assert abs(e - reference) < 0.15 * reference
 
@@ -266,7 +268,8 @@ def test_sriqa_bench_files(corpus):
     root = corpus / "SRIQA-Bench"
     index = ImageIndex(root / "images")
     scenes = sorted(p.stem for p in (root / "MOS").glob("*.txt"))
-    assert len(scenes) == 4
+    assert len(scenes) == synth.SCALES["small"].sriqa_scenes
+    outscored = 0  # scenes where some SR result has a higher MOS than the Original photo
     separators = set()
     for scene in scenes:
         everything = read_sriqa_mos(root / "MOS" / f"{scene}.txt")
@@ -278,7 +281,8 @@ def test_sriqa_bench_files(corpus):
         assert len(methods) == 10 and all(re.fullmatch(re.escape(scene) + r"_\w+x4\.png", n) for n in methods)
         assert all(0 <= s <= 100 for _, s in everything)
         scores = dict(everything)
-        assert max(scores, key=scores.get) == original
+        assert scores[original] > scores[f"{scene}_Bicubicx4.png"]  # the photo beats plain upsampling
+        outscored += max(scores, key=scores.get) != original
         reg, gen = (dict(read_sriqa_mos(root / sub / f"{scene}.txt")) for sub in ("MOS_Reg", "MOS_Gen"))
         assert len(reg) == len(gen) == 6 and set(reg) & set(gen) == {original}
         assert set(reg) | set(gen) == set(scores)
@@ -290,6 +294,7 @@ def test_sriqa_bench_files(corpus):
                 separators.add("," if "," in line else " ")
             assert {image_size(index[n]) for n, _ in everything} == {image_size(index[original])}
     assert separators == {",", " "}
+    assert 0 < outscored < len(scenes)  # as in the real benchmark, the reference is not always the best image
 
 
 # ---------------------------------------------------------------------------------------------- loading for training
