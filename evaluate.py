@@ -34,7 +34,7 @@ import torch
 
 from afine.atomic import write_json
 from afine.benchmarks import Indexes, dataset_of, load_benchmark, missing_folder, parse_benchmarks
-from afine.errors import AfineError
+from afine.errors import AfineError, ArgumentParser, command
 from afine.evaluation import (
     STAGE_PARTS,
     TermCache,
@@ -46,13 +46,6 @@ from afine.evaluation import (
 )
 from afine.metrics import correlations, two_afc_accuracy
 from afine.model import load_afine
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line AfineErrors (exit 2)."""
-
-    def error(self, message: str):
-        raise AfineError(message)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,9 +127,10 @@ def table(names: list[str], results: dict[str, dict], skipped: dict[str, str]) -
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", default="all", help="'all' or a comma list of benchmark names (default all)")
     parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=3,
                         help="score: 1 raw naturalness, 2 raw fidelity, 3 D (default)")
@@ -167,9 +161,6 @@ def main(argv: list[str] | None = None) -> int:
             distinct = len({p for b in benches for it in b.items() for p in (it if args.stage != 1 else it[:1])})
             print(f"stage {args.stage}: {distinct} distinct images, {cache.encoded} CLIP passes, "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-    except AfineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         close_distributed()
     return 0

@@ -33,11 +33,11 @@ from scipy.special import expit
 from afine.atomic import write_json
 from afine.benchmarks import Indexes, sriqa_scene
 from afine.datasets import ImageIndex, dataset_dir, images_dir, sriqa_mos_files
-from afine.errors import AfineError
+from afine.errors import AfineError, ArgumentParser, command
 from afine.evaluation import STAGE_PARTS, close_distributed, init_distributed, score_items, world
 from afine.labels import normalise_pipal_mos, read_mos_folder
 from afine.model import load_afine
-from evaluate import Parser, add_model_arguments, check_model_arguments, pick_device
+from evaluate import add_model_arguments, check_model_arguments, pick_device
 
 
 def logistic(x: np.ndarray, e1: float, e2: float, g3: float, g4: float) -> np.ndarray:
@@ -95,9 +95,10 @@ MODES = {  # mode -> (stage of the model, data, e1, e2, names of the two paramet
 }
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=tuple(MODES), help="nr: NR-mapping start (stage-1 model, PIPAL Train MOS); "
                         "scale: final 0..100 scale (stage-3 model, SRIQA-Bench MOS)")
     parser.add_argument("--out", required=True, help="JSON file to write the fitted parameters to")
@@ -116,9 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.out, {names[0]: g3, names[1]: g4, "images": len(items), "rmse": rmse,
                                   "weights": str(args.weights)})
             print(f"{names[0]} {g3:.6f}\n{names[1]} {g4:.6f}\nimages {len(items)}  rmse {rmse:.6f}  -> {args.out}")
-    except AfineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         close_distributed()
     return 0

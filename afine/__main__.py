@@ -6,19 +6,15 @@ import argparse
 import sys
 
 from . import score
-from .errors import AfineError
+from .errors import command
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m afine", description="A-FINE image quality (lower is better).")
     commands = parser.add_subparsers(dest="command", required=True)
     score.add_arguments(commands.add_parser("score", help="score (dis, ref) image pairs"))
-    args = parser.parse_args(argv)
-    try:
-        return score.run(args)
-    except AfineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return score.run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_text
-from .errors import AfineError
+from .errors import AfineError, command
 
 LABELS = (0.0, 0.5, 1.0)
 SPLITS = ("Train", "Validation", "Test")
@@ -311,6 +311,7 @@ def _cmd_pipal_mos(args: argparse.Namespace) -> None:
         sys.stdout.write("".join(f"{r.dis},{r.ref},{_fmt(r.mos)}\n" for r in normalised))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m afine.labels", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,11 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="MOS list to write (default: print dis,ref,mos lines)")
     p.set_defaults(func=_cmd_pipal_mos)
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except AfineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args.func(args)
     return 0
 
 

@@ -38,7 +38,6 @@ generated image against the reference, in random order, with g12, g1y, g2y from 
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import os
@@ -54,7 +53,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from .errors import AfineError
+from .errors import AfineError, ArgumentParser, command
 from .labels import SPLITS, MOSRecord, Triplet, nlogn_triplets, write_mos, write_triplets
 
 DATASETS = ("KADID10K", "PIPAL", "TID2013", "DiffIQA", "SRIQA-Bench")
@@ -559,7 +558,7 @@ def build_sriqa(root: Path, scale: Scale, seed: int, bar: tqdm) -> str:
         clean = natural_image(_rng(seed, name, 0, i), h, w)
         rng = _rng(seed, name, 1, i)
         severity = rng.uniform(0.15, 0.45)
-        original = np.clip(_degrade(clean, severity, rng), 0.0, 1.0)
+        original = _degrade(clean, severity, rng)  # decoded JPEG: already in [0, 1]
         save_image(root / "images" / "Original" / f"{scene}_Original.png", original)
         bar.update()
         mos = 100.0 * (1.0 - 0.7 * severity) + rng.normal(0.0, 1.5)
@@ -634,27 +633,17 @@ def generate(out: Path, seed: int = 0, scale: str = "small", progress: bool = Tr
     build(out, seed, scale, progress)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors become one-line AfineErrors (exit 2 via main)."""
-
-    def error(self, message: str):
-        raise AfineError(message)
-
-
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m afine.synth",
-                     description="Write a synthetic IQA corpus (KADID10K, PIPAL, TID2013, DiffIQA, SRIQA-Bench) "
-                                 "in the official layouts.")
+    parser = ArgumentParser(prog="python -m afine.synth",
+                            description="Write a synthetic IQA corpus (KADID10K, PIPAL, TID2013, DiffIQA, "
+                                        "SRIQA-Bench) in the official layouts.")
     parser.add_argument("--out", required=True, type=Path, help="folder to write the five datasets into")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
     parser.add_argument("--scale", default="small", help="small (seconds, ~64-96 px) or medium (larger, more)")
-    try:
-        args = parser.parse_args(argv)
-        start = time.perf_counter()
-        summaries = build(args.out, args.seed, args.scale)
-    except AfineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    summaries = build(args.out, args.seed, args.scale)
     print(f"wrote synthetic corpus (scale {args.scale}, seed {args.seed}) to {args.out} "
           f"in {time.perf_counter() - start:.1f} s")
     for line in summaries:

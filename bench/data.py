@@ -25,7 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from afine.datasets import TripletDataset, collate_triplets  # noqa: E402
-from afine.errors import AfineError  # noqa: E402
+from afine.errors import AfineError, command  # noqa: E402
 from afine.labels import MOSRecord, nlogn_triplets, write_triplets  # noqa: E402
 from afine.sampler import ShapeGroupedBatchSampler  # noqa: E402
 
@@ -85,6 +85,7 @@ def measure(data: TripletDataset, workers: int, batch_size: int, epochs: int) ->
             "rate": triplets / total, "steady_rate": steady_triplets / steady if steady else float("nan")}
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", type=Path, help="corpus root (default: a fresh synthetic corpus)")
@@ -95,38 +96,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per worker count")
     parser.add_argument("--scale", default="small", help="afine.synth --scale for the generated corpus")
     args = parser.parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory(prefix="afine-bench-data-") as tmp:
-            root = args.data_root
-            datasets = args.datasets or ["DiffIQA", "KADID10K", "PIPAL", "TID2013"]
-            if root is None:
-                root = Path(tmp)
-                start = time.perf_counter()
-                generated = make_corpus(root, args.scale)
-                datasets = args.datasets or generated
-                print(f"corpus: generated in {time.perf_counter() - start:.1f} s at {root}")
-            data = TripletDataset.from_lists(root, datasets, args.split, augment=True, seed=0)
-            sampler = ShapeGroupedBatchSampler(data.shape, len(data), args.batch_size)
+    with tempfile.TemporaryDirectory(prefix="afine-bench-data-") as tmp:
+        root = args.data_root
+        datasets = args.datasets or ["DiffIQA", "KADID10K", "PIPAL", "TID2013"]
+        if root is None:
+            root = Path(tmp)
             start = time.perf_counter()
-            steps = len(sampler)
-            cold = time.perf_counter() - start
-            sampler.set_epoch(1)
-            data.set_epoch(1)
-            start = time.perf_counter()
-            len(sampler)
-            warm = time.perf_counter() - start
-            shapes = len({data.shape(i) for i in range(len(data))})
-            print(f"data: {len(data)} triplets from {', '.join(datasets)} ({args.split}), {shapes} shapes, "
-                  f"{steps} batches of <= {args.batch_size}")
-            print(f"sampler: epoch planned in {cold * 1e3:.1f} ms (headers read), {warm * 1e3:.1f} ms (cached)")
-            print(f"{'workers':>7} {'triplets':>8} {'batches':>7} {'seconds':>8} {'triplets/s':>10} {'steady/s':>9}")
-            for workers in args.workers:
-                r = measure(data, workers, args.batch_size, args.epochs)
-                print(f"{r['workers']:>7} {r['triplets']:>8} {r['batches']:>7} {r['seconds']:>8.2f} "
-                      f"{r['rate']:>10.1f} {r['steady_rate']:>9.1f}")
-    except AfineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            generated = make_corpus(root, args.scale)
+            datasets = args.datasets or generated
+            print(f"corpus: generated in {time.perf_counter() - start:.1f} s at {root}")
+        data = TripletDataset.from_lists(root, datasets, args.split, augment=True, seed=0)
+        sampler = ShapeGroupedBatchSampler(data.shape, len(data), args.batch_size)
+        start = time.perf_counter()
+        steps = len(sampler)
+        cold = time.perf_counter() - start
+        sampler.set_epoch(1)
+        data.set_epoch(1)
+        start = time.perf_counter()
+        len(sampler)
+        warm = time.perf_counter() - start
+        shapes = len({data.shape(i) for i in range(len(data))})
+        print(f"data: {len(data)} triplets from {', '.join(datasets)} ({args.split}), {shapes} shapes, "
+              f"{steps} batches of <= {args.batch_size}")
+        print(f"sampler: epoch planned in {cold * 1e3:.1f} ms (headers read), {warm * 1e3:.1f} ms (cached)")
+        print(f"{'workers':>7} {'triplets':>8} {'batches':>7} {'seconds':>8} {'triplets/s':>10} {'steady/s':>9}")
+        for workers in args.workers:
+            r = measure(data, workers, args.batch_size, args.epochs)
+            print(f"{r['workers']:>7} {r['triplets']:>8} {r['batches']:>7} {r['seconds']:>8.2f} "
+                  f"{r['rate']:>10.1f} {r['steady_rate']:>9.1f}")
     return 0
 
 
