@@ -44,14 +44,16 @@ def run(*args: str | Path) -> None:
 
 
 def save_untrained_model(path: Path, seed: int) -> None:
-    """The model stage 1 starts from (same random tiny CLIP and head initialisation), as a merged afine.pth."""
+    """The model stage 1 starts from (the seeded random tiny CLIP, then the seeded heads), as a merged afine.pth."""
     sys.path.insert(0, str(ROOT))
-    from afine.checkpoint import save_afine
-    from afine.config import RANDOM_TINY, Stage1Config
-    from train_stage1 import build_model
+    import torch
 
-    model = build_model(Stage1Config(clip=RANDOM_TINY, seed=seed))
-    save_afine(path, model.parts())
+    from afine.checkpoint import RANDOM_TINY, clip_from_spec, save_afine
+    from afine.model import AFINE
+
+    clip = clip_from_spec(RANDOM_TINY, seed)
+    torch.manual_seed(seed)  # as train_stage1.build_model
+    save_afine(path, AFINE(clip).parts())
 
 
 def prepare_out(out: Path) -> None:

@@ -1,49 +1,53 @@
-"""A-FINE training, stage 1: fine-tune CLIP (all weights) and train the naturalness head (SPEC section 7).
+"""A-FINE training, stage 1: fine-tune CLIP (all weights) and train the naturalness head.
 
     python train_stage1.py --config configs/s1.json
-    torchrun --nproc_per_node=4 train_stage1.py --config configs/s1.json --amp=bf16 --checkpoint_blocks=true
+    torchrun --nproc_per_node=4 train_stage1.py --config configs/s1.json --batch_size=8    # same global batch 32
 
 Each triplet (x1, x2, y) is ranked by raw naturalness N (lower is better) in all three pairs:
 loss = L(p12, g12) + L(p1y, g1y) + L(p2y, g2y), averaged over the global batch. Every distinct image
-of a batch goes through CLIP once. AdamW groups `clip` and `natural`. The run folder gets the official
-`clip_model.pth` (a plain full CLIP state dict) and `net_qhead.pth`.
+of a micro-batch goes through CLIP once. AdamW groups `clip` and `natural`. The run folder gets the
+official `clip_model.pth` (a plain full CLIP state dict) and `net_qhead.pth` (README, "Train the three stages").
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
-from afine import trainer
-from afine.checkpoint import atomic_save, build_clip, read_clip_file, save_network_file, state_dict_for_saving
-from afine.clip import CLIP
-from afine.config import RANDOM_TINY, Stage1Config
+from afine import training
+from afine.batches import GlobalBatches, distinct_images
+from afine.checkpoint import clip_from_spec, state_dict_for_saving
+from afine.config import RunConfig
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.errors import AfineError
 from afine.losses import rank_loss
 from afine.model import AFINE
-from afine.trainer import Trainer, autocast, distinct_images, validation_sets
-
-# `clip: "random-tiny"`: a small random CLIP in OpenAI's layout (demo and tests; no download).
-TINY_CLIP = dict(embed_dim=64, vision_width=64, vision_layers=3, vision_patch_size=16, grid_size=4,
-                 context_length=8, vocab_size=64, transformer_width=64, transformer_layers=1)
 
 
-def make_clip(spec: str, seed: int) -> CLIP:
-    """The CLIP to fine-tune: OpenAI's ViT-B-32.pt, a plain state-dict file, or "random-tiny" (seeded)."""
-    if spec == RANDOM_TINY:
-        torch.manual_seed(seed)
-        return CLIP(**TINY_CLIP)
-    return build_clip(read_clip_file(spec), spec)
+@dataclass
+class Stage1LR:
+    clip: float = 5e-6
+    natural: float = 5e-6
+
+
+@dataclass
+class Stage1Config(RunConfig):
+    """Stage 1: fine-tune CLIP (all weights) and train the naturalness head (published settings)."""
+
+    required = ("clip",)
+    clip: str = "data/ViT-B-32.pt"  # OpenAI ViT-B-32.pt, a plain CLIP state dict, or "random-tiny"
+    checkpoint_blocks: bool = False  # recompute CLIP blocks in the backward pass (saves activation memory)
+    lr: Stage1LR = field(default_factory=Stage1LR)
 
 
 def build_model(cfg: Stage1Config) -> AFINE:
-    clip = make_clip(cfg.clip, cfg.seed)
-    torch.manual_seed(cfg.seed)  # the heads' initialisation
+    """The CLIP to fine-tune and a fresh naturalness head (initialised from the seed)."""
+    clip = clip_from_spec(cfg.clip, cfg.seed)
+    torch.manual_seed(cfg.seed)
     return AFINE(clip)
 
 
@@ -51,7 +55,7 @@ def natural_scores(model: AFINE, batch: dict, device: torch.device, amp: str, na
                    checkpoint_blocks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw N of the batch's distinct images (CLIP in `amp`, the head in float32) and the [len(names), B] index."""
     images, index = distinct_images(batch, names)
-    with autocast(device, amp):
+    with training.autocast(device, amp):
         x, features = model.encode(images.to(device, non_blocking=True), checkpoint_blocks)
     return model.natural(x.float(), features.float()), index.to(device)
 
@@ -64,39 +68,65 @@ def triplet_losses(model: AFINE, batch: dict, device: torch.device, amp: str,
     return rank_loss(n[i1], n[i2], g12) + rank_loss(n[i1], n[iy], g1y) + rank_loss(n[i2], n[iy], g2y)
 
 
-def validation_scores(model: AFINE, batch: dict, device: torch.device, amp: str):
-    """(N(x1), N(x2)) for 2AFC accuracy of g12."""
-    n, (i1, i2) = natural_scores(model, batch, device, amp, names=("x1", "x2"))
+def validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N(x1), N(x2)) for the 2AFC accuracy of g12."""
+    n, (i1, i2) = natural_scores(model, batch, run.dist.device, run.cfg.amp, names=("x1", "x2"))
     return n[i1], n[i2]
 
 
-def write_official_files(model: AFINE, out_dir: Path) -> None:
-    atomic_save(state_dict_for_saving(model.clip), out_dir / "clip_model.pth")
-    save_network_file(out_dir / "net_qhead.pth", model.natural)
-
-
-def require_pair_labels(data: TripletDataset, datasets: list[str]) -> None:
-    """Stage 1 needs g1y and g2y: 6-column triplet lists."""
-    if any(math.isnan(item[4]) or math.isnan(item[5]) for item in data.items):
-        raise AfineError(f"stage 1 needs 6-column triplet lists (g1y, g2y); a list of {', '.join(datasets)} "
-                         "has only 4 columns")
+def official_files(model: AFINE) -> dict[str, object]:
+    return {"clip_model.pth": state_dict_for_saving(model.clip),
+            "net_qhead.pth": {"params": state_dict_for_saving(model.natural)}}
 
 
 def train(cfg: Stage1Config, d: Dist) -> AFINE:
+    # data: every training triplet of the four datasets in one list; validation lists per dataset / DiffIQA type
     data = TripletDataset.from_lists(cfg.data_root, cfg.train_datasets, "Train", augment=True, seed=cfg.seed)
-    require_pair_labels(data, cfg.train_datasets)
-    val_sets = validation_sets(cfg.data_root, cfg.val_datasets) if cfg.val_every else []
+    if any(math.isnan(item[4]) or math.isnan(item[5]) for item in data.items):
+        raise AfineError(f"stage 1 needs 6-column triplet lists (g1y, g2y); a list of {', '.join(cfg.train_datasets)}"
+                         " has only 4 columns")
+    val_sets = training.validation_sets(cfg.data_root, cfg.val_datasets) if cfg.val_every else []
+    batches = GlobalBatches(len(data), data.shape, cfg.batch_size, cfg.grad_accum, cfg.micro_batch, cfg.seed,
+                            cfg.shuffle, d.rank, d.world_size)
+
+    # model, and what trains: all of CLIP and the naturalness head, one AdamW group each
     model = build_model(cfg).to(d.device)
+    training.freeze(model)
     trained = {"clip": model.clip, "natural": model.natural}
-    t = Trainer(cfg, d, model, trained, {"clip": cfg.lr.clip, "natural": cfg.lr.natural}, data)
-    t.fit(losses=lambda batch: triplet_losses(model, batch, d.device, cfg.amp, cfg.checkpoint_blocks),
-          scores=lambda batch: validation_scores(model, batch, d.device, cfg.amp),
-          val_sets=val_sets, write_official_files=lambda out: write_official_files(model, out))
+    optimizer = training.adamw(cfg, trained, {"clip": cfg.lr.clip, "natural": cfg.lr.natural})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
+
+    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch) as run:
+        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, validation_scores, model):
+            training.write_best(run, official_files(model))
+        loader = training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
+        for step in range(run.step, cfg.total_iter):
+            # this rank's share of global batch `step`, as same-shape micro-batches; gradients accumulate
+            loss_sum = torch.zeros((), device=d.device)
+            for _ in batches.micro_batches(step):
+                batch = next(loader)
+                losses = triplet_losses(model, batch, d.device, cfg.amp, cfg.checkpoint_blocks)
+                scaler.scale(losses.sum() / batches.global_batch).backward()
+                loss_sum += losses.detach().sum()
+            loss, grad_norm = training.sync_gradients(run, params, loss_sum, batches.global_batch, scaler)
+            lrs = training.set_lr(optimizer, cfg, step + 1)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            run.step = step + 1
+            training.log_step(run, loss, lrs, grad_norm)
+
+            if cfg.val_every and training.due(run.step, cfg.val_every, cfg.total_iter) and \
+                    training.validate(run, val_sets, validation_scores, model):
+                training.write_best(run, official_files(model))
+            if training.due(run.step, cfg.save_every, cfg.total_iter):
+                training.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)
     return model
 
 
 def main(argv: list[str] | None = None) -> int:
-    return trainer.main(train, Stage1Config, argv, __doc__)
+    return training.main(train, Stage1Config, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,42 +1,55 @@
-"""A-FINE training, stage 2: train the fidelity head on the frozen stage-1 CLIP (SPEC section 7).
+"""A-FINE training, stage 2: train the fidelity head on the frozen stage-1 CLIP.
 
     python train_stage2.py --config configs/s2.json --stage1_dir=runs/s1
-    torchrun --nproc_per_node=4 train_stage2.py --config configs/s2.json
+    torchrun --nproc_per_node=4 train_stage2.py --config configs/s2.json --batch_size=32   # same global batch 128
 
 Each triplet is ranked by raw fidelity F(x1, y) vs F(x2, y) (lower is better): loss L(p12, g12),
-averaged over the global batch. CLIP runs without autograd, every distinct image of a batch once.
+averaged over the global batch. CLIP runs without autograd, every distinct image of a micro-batch once.
 AdamW group `fidelity`. The run folder gets the official `net_dhead.pth`; its config.json names the
-stage-1 folder (`stage1_dir`), so `load_afine(None, out_dir, ...)` finds the CLIP there.
+stage-1 folder (`stage1_dir`), so `load_afine(None, out_dir, ...)` finds the CLIP there, and built_on.json
+records the digest of the CLIP it was trained on.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from afine import trainer
-from afine.checkpoint import build_clip, read_clip_file, save_network_file
-from afine.config import Stage2Config
+from afine import training
+from afine.batches import GlobalBatches, distinct_images
+from afine.checkpoint import build_clip, read_clip_file, run_file, state_dict_for_saving
+from afine.config import TRADITIONAL, RunConfig
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
-from afine.errors import AfineError
 from afine.losses import rank_loss
 from afine.model import AFINE
-from afine.trainer import Trainer, autocast, distinct_images, validation_sets
 
 
-def stage_file(folder: str | Path, name: str, stage: int) -> Path:
-    path = Path(folder) / name
-    if not path.is_file():
-        raise AfineError(f"{folder}: no {name}; expected a stage-{stage} run folder")
-    return path
+@dataclass
+class Stage2LR:
+    fidelity: float = 5e-4
+
+
+@dataclass
+class Stage2Config(RunConfig):
+    """Stage 2: train the fidelity head on the frozen stage-1 CLIP (published settings)."""
+
+    required = ("stage1_dir",)
+    batch_size: int = 128
+    val_every: int = 500
+    save_every: int = 500
+    train_datasets: list[str] = field(default_factory=lambda: list(TRADITIONAL))
+    val_datasets: list[str] = field(default_factory=lambda: list(TRADITIONAL))
+    stage1_dir: str = "runs/s1"  # stage-1 run folder (clip_model.pth)
+    lr: Stage2LR = field(default_factory=Stage2LR)
 
 
 def build_model(cfg: Stage2Config) -> AFINE:
     """Stage-1 CLIP (frozen) and a fresh fidelity head (initialised from the seed)."""
-    clip_file = stage_file(cfg.stage1_dir, "clip_model.pth", 1)
+    clip_file = run_file(cfg.stage1_dir, "clip_model.pth", 1)
     clip = build_clip(read_clip_file(clip_file), str(clip_file))
     torch.manual_seed(cfg.seed)
     return AFINE(clip)
@@ -45,7 +58,7 @@ def build_model(cfg: Stage2Config) -> AFINE:
 def fidelity_scores(model: AFINE, batch: dict, device: torch.device, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(F(x1, y), F(x2, y)): CLIP frozen (no autograd, `amp`), the head in float32."""
     images, (i1, i2, iy) = distinct_images(batch)
-    with torch.no_grad(), autocast(device, amp):
+    with torch.no_grad(), training.autocast(device, amp):
         x, features = model.encode(images.to(device, non_blocking=True))
     x, features = x.float(), features.float()
     dis, ref = torch.cat([i1, i2]).to(device), torch.cat([iy, iy]).to(device)
@@ -57,24 +70,61 @@ def triplet_losses(model: AFINE, batch: dict, device: torch.device, amp: str) ->
     return rank_loss(f1, f2, batch["g12"].to(device))
 
 
-def write_official_files(model: AFINE, out_dir: Path) -> None:
-    save_network_file(out_dir / "net_dhead.pth", model.fidelity)
+def validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[torch.Tensor, torch.Tensor]:
+    return fidelity_scores(model, batch, run.dist.device, run.cfg.amp)
+
+
+def official_files(model: AFINE) -> dict[str, object]:
+    return {"net_dhead.pth": {"params": state_dict_for_saving(model.fidelity)}}
 
 
 def train(cfg: Stage2Config, d: Dist) -> AFINE:
+    # data: every training triplet of the traditional datasets in one list
     cfg.stage1_dir = str(Path(cfg.stage1_dir).resolve())
     data = TripletDataset.from_lists(cfg.data_root, cfg.train_datasets, "Train", augment=True, seed=cfg.seed)
-    val_sets = validation_sets(cfg.data_root, cfg.val_datasets) if cfg.val_every else []
+    val_sets = training.validation_sets(cfg.data_root, cfg.val_datasets) if cfg.val_every else []
+    batches = GlobalBatches(len(data), data.shape, cfg.batch_size, cfg.grad_accum, cfg.micro_batch, cfg.seed,
+                            cfg.shuffle, d.rank, d.world_size)
+
+    # model, and what trains: the fidelity head alone (CLIP frozen)
     model = build_model(cfg).to(d.device)
-    t = Trainer(cfg, d, model, {"fidelity": model.fidelity}, {"fidelity": cfg.lr.fidelity}, data)
-    t.fit(losses=lambda batch: triplet_losses(model, batch, d.device, cfg.amp),
-          scores=lambda batch: fidelity_scores(model, batch, d.device, cfg.amp),
-          val_sets=val_sets, write_official_files=lambda out: write_official_files(model, out))
+    training.freeze(model)
+    trained = {"fidelity": model.fidelity}
+    optimizer = training.adamw(cfg, trained, {"fidelity": cfg.lr.fidelity})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
+    built_on = training.file_digests([Path(cfg.stage1_dir) / "clip_model.pth"])
+
+    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, built_on) as run:
+        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, validation_scores, model):
+            training.write_best(run, official_files(model))
+        loader = training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
+        for step in range(run.step, cfg.total_iter):
+            # this rank's share of global batch `step`, as same-shape micro-batches; gradients accumulate
+            loss_sum = torch.zeros((), device=d.device)
+            for _ in batches.micro_batches(step):
+                batch = next(loader)
+                losses = triplet_losses(model, batch, d.device, cfg.amp)
+                scaler.scale(losses.sum() / batches.global_batch).backward()
+                loss_sum += losses.detach().sum()
+            loss, grad_norm = training.sync_gradients(run, params, loss_sum, batches.global_batch, scaler)
+            lrs = training.set_lr(optimizer, cfg, step + 1)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            run.step = step + 1
+            training.log_step(run, loss, lrs, grad_norm)
+
+            if cfg.val_every and training.due(run.step, cfg.val_every, cfg.total_iter) and \
+                    training.validate(run, val_sets, validation_scores, model):
+                training.write_best(run, official_files(model))
+            if training.due(run.step, cfg.save_every, cfg.total_iter):
+                training.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)
     return model
 
 
 def main(argv: list[str] | None = None) -> int:
-    return trainer.main(train, Stage2Config, argv, __doc__)
+    return training.main(train, Stage2Config, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
-"""A-FINE training, stage 3: train the NR and FR mappings and the adapter k (SPEC section 7).
+"""A-FINE training, stage 3: train the NR and FR mappings and the adapter k.
 
-    python train_stage3.py --config configs/s3.json --stage2_dir=runs/s2 --nr_init_file=runs/fit_gamma.json
-    torchrun --nproc_per_node=4 train_stage3.py --config configs/s3.json
+    python train_stage3.py --config configs/s3.json --stage2_dir=runs/s2 --nr_init_file=runs/gamma.json
+    torchrun --nproc_per_node=4 train_stage3.py --config configs/s3.json --batch_size=32   # same global batch 128
 
 Each triplet is ranked by D(x1, y) vs D(x2, y) (lower is better), D = F + exp(k (N(y) - N(x))) N(x)
 with mapped N and F: loss L(p12, g12), averaged over the global batch. CLIP and both heads are frozen
-and run without autograd (every distinct image once); only the five mapping/adapter scalars train,
-AdamW groups `natural_scale`, `fidelity_scale`, `adapter`. The NR mapping starts at (nr_yita3, nr_yita4)
-or at fit_gamma's {"yita3", "yita4"} (nr_init_file); the FR mapping at (0.5, 0.15), k at 5.
-The run folder gets `net_scale_nr.pth`, `net_scale_fr.pth`, `net_finalscore.pth` and the merged `afine.pth`.
+and run without autograd (every distinct image of a micro-batch once); only the five mapping/adapter
+scalars train, AdamW groups `natural_scale`, `fidelity_scale`, `adapter`. The NR mapping starts at
+(nr_yita3, nr_yita4) or at fit_gamma's {"yita3", "yita4"} (nr_init_file); the FR mapping at (0.5, 0.15),
+k at 5. The run folder gets `net_scale_nr.pth`, `net_scale_fr.pth`, `net_finalscore.pth` and the merged
+`afine.pth`; built_on.json records the digests of the stage-1 and stage-2 files it was trained on.
 """
 
 from __future__ import annotations
@@ -16,27 +17,58 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from afine import trainer
-from afine.checkpoint import build_clip, load_strict, read_clip_file, read_network_file, save_afine, save_network_file
-from afine.config import Stage3Config
+from afine import training
+from afine.batches import GlobalBatches, distinct_images
+from afine.checkpoint import (
+    PART_FILES,
+    build_clip,
+    load_strict,
+    read_clip_file,
+    read_network_file,
+    run_file,
+    state_dict_for_saving,
+)
+from afine.config import RunConfig
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.errors import AfineError
 from afine.losses import rank_loss
 from afine.mapping import NaturalnessMapping
 from afine.model import AFINE
-from afine.trainer import Trainer, autocast, distinct_images, validation_sets
-from train_stage2 import stage_file
+
+
+@dataclass
+class Stage3LR:
+    natural_scale: float = 1e-3
+    fidelity_scale: float = 1e-3
+    adapter: float = 1e-3
+
+
+@dataclass
+class Stage3Config(RunConfig):
+    """Stage 3: train the NR and FR mappings and the adapter k, everything else frozen (published settings)."""
+
+    required = ("stage2_dir",)
+    batch_size: int = 128
+    val_every: int = 500
+    save_every: int = 500
+    stage1_dir: str = ""  # stage-1 run folder (clip_model.pth, net_qhead.pth); "": the one stage2_dir names
+    stage2_dir: str = "runs/s2"  # stage-2 run folder (net_dhead.pth)
+    nr_yita3: float = 4.9592  # NR-mapping start (the published fit_gamma values) ...
+    nr_yita4: float = 21.5968
+    nr_init_file: str = ""  # ... or fit_gamma's JSON output {"yita3": ..., "yita4": ...}, which then wins
+    lr: Stage3LR = field(default_factory=Stage3LR)
 
 
 def resolve_stage_dirs(cfg: Stage3Config) -> None:
     """Absolute stage2_dir and stage1_dir; stage1_dir defaults to (and must agree with) the one stage 2 used."""
     stage2 = Path(cfg.stage2_dir).resolve()
-    run_config = stage_file(stage2, "config.json", 2)
+    run_config = run_file(stage2, "config.json", 2)
     try:
         used = json.loads(run_config.read_text()).get("stage1_dir", "")
     except (OSError, ValueError, AttributeError) as e:
@@ -66,14 +98,18 @@ def read_nr_init(cfg: Stage3Config) -> None:
     cfg.nr_yita3, cfg.nr_yita4 = yita3, yita4
 
 
+def frozen_files(cfg: Stage3Config) -> list[Path]:
+    """The earlier stages' files stage 3 runs on: stage-1 CLIP and naturalness head, stage-2 fidelity head."""
+    return [run_file(cfg.stage1_dir, "clip_model.pth", 1), run_file(cfg.stage1_dir, "net_qhead.pth", 1),
+            run_file(cfg.stage2_dir, "net_dhead.pth", 2)]
+
+
 def build_model(cfg: Stage3Config) -> AFINE:
     """Stage-1 CLIP and naturalness head, stage-2 fidelity head (all frozen); fresh mappings and adapter."""
-    clip_file = stage_file(cfg.stage1_dir, "clip_model.pth", 1)
+    clip_file, natural_file, fidelity_file = frozen_files(cfg)
     model = AFINE(build_clip(read_clip_file(clip_file), str(clip_file)))
-    for module, folder, name, stage in ((model.natural, cfg.stage1_dir, "net_qhead.pth", 1),
-                                        (model.fidelity, cfg.stage2_dir, "net_dhead.pth", 2)):
-        path = stage_file(folder, name, stage)
-        load_strict(module, read_network_file(path), str(path))
+    load_strict(model.natural, read_network_file(natural_file), str(natural_file))
+    load_strict(model.fidelity, read_network_file(fidelity_file), str(fidelity_file))
     model.natural_scale = NaturalnessMapping(cfg.nr_yita3, cfg.nr_yita4)
     return model
 
@@ -83,7 +119,7 @@ def distortion_scores(model: AFINE, batch: dict, device: torch.device, amp: str)
     images, (i1, i2, iy) = distinct_images(batch)
     dis, ref = torch.cat([i1, i2]).to(device), torch.cat([iy, iy]).to(device)
     with torch.no_grad():
-        with autocast(device, amp):
+        with training.autocast(device, amp):
             x, features = model.encode(images.to(device, non_blocking=True))
         x, features = x.float(), features.float()
         n = model.natural(x, features)
@@ -96,32 +132,68 @@ def triplet_losses(model: AFINE, batch: dict, device: torch.device, amp: str) ->
     return rank_loss(d1, d2, batch["g12"].to(device))
 
 
-def write_official_files(model: AFINE, out_dir: Path) -> None:
-    save_network_file(out_dir / "net_scale_nr.pth", model.natural_scale)
-    save_network_file(out_dir / "net_scale_fr.pth", model.fidelity_scale)
-    save_network_file(out_dir / "net_finalscore.pth", model.adapter)
-    save_afine(out_dir / "afine.pth", model.parts())
+def validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[torch.Tensor, torch.Tensor]:
+    return distortion_scores(model, batch, run.dist.device, run.cfg.amp)
+
+
+def official_files(model: AFINE) -> dict[str, object]:
+    """The three per-network files and the merged afine.pth (the six parts, as released)."""
+    parts = {part: state_dict_for_saving(module) for part, module in model.parts().items()}
+    return {"net_scale_nr.pth": {"params": parts["natural_scale"]},
+            "net_scale_fr.pth": {"params": parts["fidelity_scale"]},
+            "net_finalscore.pth": {"params": parts["adapter"]},
+            "afine.pth": {part: parts[part] for part in PART_FILES}}
 
 
 def train(cfg: Stage3Config, d: Dist) -> AFINE:
+    # data: every training triplet of the four datasets in one list
     resolve_stage_dirs(cfg)
     read_nr_init(cfg)
     data = TripletDataset.from_lists(cfg.data_root, cfg.train_datasets, "Train", augment=True, seed=cfg.seed)
-    val_sets = validation_sets(cfg.data_root, cfg.val_datasets) if cfg.val_every else []
+    val_sets = training.validation_sets(cfg.data_root, cfg.val_datasets) if cfg.val_every else []
+    batches = GlobalBatches(len(data), data.shape, cfg.batch_size, cfg.grad_accum, cfg.micro_batch, cfg.seed,
+                            cfg.shuffle, d.rank, d.world_size)
+
+    # model, and what trains: the two mappings and the adapter (CLIP and both heads frozen)
     model = build_model(cfg).to(d.device)
-    trained = {"natural_scale": model.natural_scale, "fidelity_scale": model.fidelity_scale,
-               "adapter": model.adapter}
-    lrs = {"natural_scale": cfg.lr.natural_scale, "fidelity_scale": cfg.lr.fidelity_scale,
-           "adapter": cfg.lr.adapter}
-    t = Trainer(cfg, d, model, trained, lrs, data)
-    t.fit(losses=lambda batch: triplet_losses(model, batch, d.device, cfg.amp),
-          scores=lambda batch: distortion_scores(model, batch, d.device, cfg.amp),
-          val_sets=val_sets, write_official_files=lambda out: write_official_files(model, out))
+    training.freeze(model)
+    trained = {"natural_scale": model.natural_scale, "fidelity_scale": model.fidelity_scale, "adapter": model.adapter}
+    optimizer = training.adamw(cfg, trained, {"natural_scale": cfg.lr.natural_scale,
+                                              "fidelity_scale": cfg.lr.fidelity_scale, "adapter": cfg.lr.adapter})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
+    built_on = training.file_digests(frozen_files(cfg))
+
+    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, built_on) as run:
+        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, validation_scores, model):
+            training.write_best(run, official_files(model))
+        loader = training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
+        for step in range(run.step, cfg.total_iter):
+            # this rank's share of global batch `step`, as same-shape micro-batches; gradients accumulate
+            loss_sum = torch.zeros((), device=d.device)
+            for _ in batches.micro_batches(step):
+                batch = next(loader)
+                losses = triplet_losses(model, batch, d.device, cfg.amp)
+                scaler.scale(losses.sum() / batches.global_batch).backward()
+                loss_sum += losses.detach().sum()
+            loss, grad_norm = training.sync_gradients(run, params, loss_sum, batches.global_batch, scaler)
+            lrs = training.set_lr(optimizer, cfg, step + 1)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            run.step = step + 1
+            training.log_step(run, loss, lrs, grad_norm)
+
+            if cfg.val_every and training.due(run.step, cfg.val_every, cfg.total_iter) and \
+                    training.validate(run, val_sets, validation_scores, model):
+                training.write_best(run, official_files(model))
+            if training.due(run.step, cfg.save_every, cfg.total_iter):
+                training.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)
     return model
 
 
 def main(argv: list[str] | None = None) -> int:
-    return trainer.main(train, Stage3Config, argv, __doc__)
+    return training.main(train, Stage3Config, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Every read error is an AfineError naming the file (and the keys at fault); every
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor
             if file.is_file():
                 state = read_network_file(file) if part != "finetuned_clip" else read_clip_file(file)
                 parts[part], sources[part] = state, str(file)
+        check_built_on(path)
         for earlier in earlier_runs(path):  # a stage-2/3 run folder takes the frozen parts from its earlier stages
             more, more_sources = read_afine_parts(earlier)
             for part in more:
@@ -119,6 +121,31 @@ def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor
     if missing or unexpected:
         raise AfineError(f"{path}: wrong parts: missing {missing}, unexpected {unexpected}")
     return {p: strip_module_prefix(obj[p]) for p in PART_FILES}, {p: f"{path}[{p}]" for p in PART_FILES}
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_built_on(run_dir: Path) -> None:
+    """A training run's built_on.json lists the earlier stages' files it was trained on, with their SHA-256:
+    refuse to combine it with those files once they have changed (another stage-1 run in the same folder...)."""
+    record = run_dir / "built_on.json"
+    if not record.is_file():
+        return
+    try:
+        digests = json.loads(record.read_text())
+        digests = {str(k): str(v) for k, v in digests.items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise AfineError(f"{record}: cannot read ({e})") from None
+    for file, digest in digests.items():
+        if not Path(file).is_file() or sha256(file) != digest:
+            raise AfineError(f"{run_dir} was trained on {file}, which has changed or gone since; retrain this stage "
+                             "or point to the run folder it was trained on")
 
 
 def earlier_runs(run_dir: Path) -> list[Path]:
@@ -158,6 +185,28 @@ def read_clip_file(path: str | Path) -> dict[str, torch.Tensor]:
         return strip_module_prefix(read_clip_state_dict(path))
     except Exception as e:  # noqa: BLE001 - any failure to read means a bad file
         raise AfineError(f"{path}: cannot read CLIP checkpoint ({str(e).splitlines()[0]})") from None
+
+
+# `clip: "random-tiny"` in stage 1: a small random CLIP in OpenAI's layout (demo and tests; no download).
+RANDOM_TINY = "random-tiny"
+TINY_CLIP = dict(embed_dim=64, vision_width=64, vision_layers=3, vision_patch_size=16, grid_size=4,
+                 context_length=8, vocab_size=64, transformer_width=64, transformer_layers=1)
+
+
+def clip_from_spec(spec: str, seed: int = 0) -> CLIP:
+    """OpenAI's ViT-B-32.pt, a plain CLIP state-dict file, or "random-tiny" (initialised from `seed`)."""
+    if spec == RANDOM_TINY:
+        torch.manual_seed(seed)
+        return CLIP(**TINY_CLIP)
+    return build_clip(read_clip_file(spec), spec)
+
+
+def run_file(folder: str | Path, name: str, stage: int) -> Path:
+    """A file of an earlier stage's run folder; a clear error if it is not there."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise AfineError(f"{folder}: no {name}; expected a stage-{stage} run folder")
+    return path
 
 
 def build_clip(state_dict: dict[str, torch.Tensor], source: str) -> CLIP:

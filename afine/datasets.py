@@ -3,10 +3,7 @@
 Images are found by file name: one ImageIndex per dataset (per split for DiffIQA) maps names to paths,
 searching the images folder recursively. Training triplets are used at full size; each triplet gets
 one flip/transpose augmentation shared by its three images, a pure function of (seed, epoch, index),
-so DataLoader workers, resumed runs and the shape-grouped sampler all agree on it.
-
-Call dataset.set_epoch(e) before creating the epoch's DataLoader iterator (workers receive a copy of
-the dataset when the iterator starts; with persistent_workers=True they would keep a stale epoch).
+so DataLoader workers, resumed runs and the batch planner (afine/batches.py) all agree on it.
 """
 
 from __future__ import annotations
@@ -202,8 +199,9 @@ NO_FLAGS = np.zeros(3, dtype=bool)
 class TripletDataset(torch.utils.data.Dataset):
     """Triplets (x1, x2, y, g12, g1y, g2y) of image paths and labels; images at full size.
 
-    Missing g1y / g2y (4-column lists) are NaN. Item i of an epoch is augmented by
-    augmentation(seed, epoch, i) when `augment`, identically for its three images.
+    Missing g1y / g2y (4-column lists) are NaN. An item is addressed by its index (epoch 0) or by an
+    (epoch, index) key; with `augment`, triplet i of epoch e gets augmentation(seed, e, i), identically
+    for its three images.
     """
 
     def __init__(self, items: list[TripletItem], augment: bool = True, seed: int = 0):
@@ -211,9 +209,8 @@ class TripletDataset(torch.utils.data.Dataset):
                       for a, b, c, g12, g1y, g2y in items]
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
-        self._flags: np.ndarray | None = None  # [n, 3] for self.epoch, computed on first use
-        self._sizes: dict[Path, tuple[int, int]] = {}  # header sizes, cached across epochs
+        self._flags: dict[int, np.ndarray] = {}  # epoch -> [n, 3], for the last epochs used
+        self._sizes: dict[Path, tuple[int, int]] = {}  # header sizes
         self._base: dict[int, tuple[int, int]] = {}  # un-augmented (H, W) of checked triplets
 
     @classmethod
@@ -241,18 +238,16 @@ class TripletDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self._flags = None
-
-    def flags(self, i: int) -> np.ndarray:
-        """(hflip, vflip, transpose) of triplet i this epoch."""
+    def flags(self, key: int | tuple[int, int]) -> np.ndarray:
+        """(hflip, vflip, transpose) of a triplet (index, or (epoch, index))."""
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         if not self.augment:
             return NO_FLAGS
-        if self._flags is None:
-            self._flags = augmentation_flags(self.seed, self.epoch, np.arange(len(self.items)))
-        return self._flags[i]
+        if epoch not in self._flags:
+            if len(self._flags) > 2:
+                self._flags.clear()
+            self._flags[epoch] = augmentation_flags(self.seed, epoch, np.arange(len(self.items)))
+        return self._flags[epoch][i]
 
     def _size(self, path: Path) -> tuple[int, int]:
         size = self._sizes.get(path)
@@ -270,16 +265,16 @@ class TripletDataset(torch.utils.data.Dataset):
             shape = self._base[i] = sizes[0]
         return shape
 
-    def shape(self, i: int) -> tuple[int, int]:
-        """(H, W) of triplet i after this epoch's augmentation (header sizes, cached; nothing decoded)."""
-        h, w = self.base_shape(i)
-        return (w, h) if self.flags(i)[2] else (h, w)
+    def shape(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        """(H, W) of a triplet after its epoch's augmentation (header sizes, cached; nothing decoded)."""
+        h, w = self.base_shape(key[1] if isinstance(key, tuple) else key)
+        return (w, h) if self.flags(key)[2] else (h, w)
 
-    def __getitem__(self, i: int) -> dict:
-        p1, p2, py, g12, g1y, g2y = self.items[i]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        p1, p2, py, g12, g1y, g2y = self.items[key[1] if isinstance(key, tuple) else key]
         images = [load_image(p) for p in (p1, p2, py)]
         _check_sizes((p1, p2, py), [tuple(x.shape[-2:]) for x in images])
-        flags = tuple(self.flags(i).tolist())
+        flags = tuple(self.flags(key).tolist())
         x1, x2, y = (apply_augmentation(x, flags) for x in images)
         tag = "".join("1" if f else "0" for f in flags)
         return {
@@ -316,7 +311,7 @@ def collate_triplets(items: list[dict]) -> dict:
     """Stack a batch of same-size triplets; 'keys' becomes a list of (k1, k2, ky) tuples."""
     shapes = {tuple(it["x1"].shape) for it in items}
     if len(shapes) != 1:
-        raise AfineError(f"cannot batch triplets of different sizes {sorted(shapes)}; use ShapeGroupedBatchSampler")
+        raise AfineError(f"cannot batch triplets of different sizes {sorted(shapes)}; group by shape first")
     batch = {k: torch.stack([it[k] for it in items]) for k in ("x1", "x2", "y", "g12", "g1y", "g2y")}
     batch["keys"] = [it["keys"] for it in items]
     return batch

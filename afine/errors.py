@@ -34,3 +34,14 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
             return 2
 
     return run
+
+
+def unwrap_worker_error(error: Exception) -> Exception:
+    """The AfineError a DataLoader worker raised, as one line again (torch re-raises it with the worker's
+    traceback in its message); any other exception unchanged."""
+    if isinstance(error, AfineError):
+        marker = "afine.errors.AfineError: "
+        text = str(error)
+        if "DataLoader worker" in text and marker in text:
+            return AfineError(text.rsplit(marker, 1)[1].strip())
+    return error

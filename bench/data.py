@@ -1,11 +1,11 @@
-"""Data pipeline throughput: triplets/s of TripletDataset + ShapeGroupedBatchSampler for N DataLoader workers.
+"""Data pipeline throughput: triplets/s of TripletDataset + GlobalBatches for N DataLoader workers.
 
     .venv/bin/python bench/data.py --workers 0 2 [--data-root DIR] [--batch-size 8] [--epochs 2]
 
 Without --data-root a small synthetic corpus is written to a temp folder (python -m afine.synth, or
 random images in the KADID10K layout if afine.synth is absent). One line per worker count:
 triplets, batches, seconds, triplets/s over the whole run (worker start-up included) and after the
-first batch (steady state). The sampler's epoch planning time (image headers read once) is printed too.
+first batch (steady state). The epoch planning time (image headers read once) is printed too.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from afine.batches import GlobalBatches  # noqa: E402
 from afine.datasets import TripletDataset, collate_triplets  # noqa: E402
 from afine.errors import AfineError, command  # noqa: E402
 from afine.labels import MOSRecord, nlogn_triplets, write_triplets  # noqa: E402
-from afine.sampler import ShapeGroupedBatchSampler  # noqa: E402
 
 
 def random_corpus(root: Path, refs: int = 8, per_ref: int = 15, seed: int = 0) -> list[str]:
@@ -59,15 +59,14 @@ def make_corpus(root: Path, scale: str) -> list[str]:
 
 def measure(data: TripletDataset, workers: int, batch_size: int, epochs: int) -> dict:
     """Iterate `epochs` epochs; seconds from iterator creation, and after each epoch's first batch."""
-    sampler = ShapeGroupedBatchSampler(data.shape, len(data), batch_size, seed=0)
+    plan = GlobalBatches(len(data), data.shape, batch_size, seed=0)
     triplets = batches = 0
     total = steady = 0.0
     steady_triplets = 0
     for epoch in range(epochs):
-        data.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate_triplets,
-                                             num_workers=workers)
+        steps = plan.steps_per_epoch
+        loader = torch.utils.data.DataLoader(data, batch_sampler=plan.sampler(epoch * steps, (epoch + 1) * steps),
+                                             collate_fn=collate_triplets, num_workers=workers)
         start = time.perf_counter()
         first = None
         for batch in loader:
@@ -106,19 +105,17 @@ def main(argv: list[str] | None = None) -> int:
             datasets = args.datasets or generated
             print(f"corpus: generated in {time.perf_counter() - start:.1f} s at {root}")
         data = TripletDataset.from_lists(root, datasets, args.split, augment=True, seed=0)
-        sampler = ShapeGroupedBatchSampler(data.shape, len(data), args.batch_size)
+        plan = GlobalBatches(len(data), data.shape, args.batch_size)
         start = time.perf_counter()
-        steps = len(sampler)
+        micro = sum(len(plan.micro_batches(s)) for s in range(plan.steps_per_epoch))
         cold = time.perf_counter() - start
-        sampler.set_epoch(1)
-        data.set_epoch(1)
         start = time.perf_counter()
-        len(sampler)
+        sum(len(plan.micro_batches(s)) for s in range(plan.steps_per_epoch, 2 * plan.steps_per_epoch))
         warm = time.perf_counter() - start
         shapes = len({data.shape(i) for i in range(len(data))})
         print(f"data: {len(data)} triplets from {', '.join(datasets)} ({args.split}), {shapes} shapes, "
-              f"{steps} batches of <= {args.batch_size}")
-        print(f"sampler: epoch planned in {cold * 1e3:.1f} ms (headers read), {warm * 1e3:.1f} ms (cached)")
+              f"{plan.steps_per_epoch} steps of {args.batch_size} triplets, {micro} same-shape micro-batches")
+        print(f"batches: epoch planned in {cold * 1e3:.1f} ms (headers read), {warm * 1e3:.1f} ms (cached)")
         print(f"{'workers':>7} {'triplets':>8} {'batches':>7} {'seconds':>8} {'triplets/s':>10} {'steady/s':>9}")
         for workers in args.workers:
             r = measure(data, workers, args.batch_size, args.epochs)

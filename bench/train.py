@@ -31,14 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
 import train_stage3  # noqa: E402
+from afine.checkpoint import TINY_CLIP  # noqa: E402
 from afine.clip import CLIP  # noqa: E402
 from afine.losses import rank_loss  # noqa: E402
 from afine.model import AFINE  # noqa: E402
-from afine.trainer import autocast, freeze  # noqa: E402
+from afine.training import autocast, freeze  # noqa: E402
 
 B32 = dict(embed_dim=512, vision_width=768, vision_layers=12, vision_patch_size=32, grid_size=7, context_length=77,
            vocab_size=49408, transformer_width=512, transformer_layers=12)
-CLIPS = {"b32": B32, "tiny": train_stage1.TINY_CLIP}
+CLIPS = {"b32": B32, "tiny": TINY_CLIP}
 LR = {1: {"clip": 5e-6, "natural": 5e-6}, 2: {"fidelity": 5e-4},
       3: {"natural_scale": 1e-3, "fidelity_scale": 1e-3, "adapter": 1e-3}}
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from afine.batches import GlobalBatches
 from afine.datasets import (
     DATASETS,
     ImageIndex,
@@ -26,7 +27,6 @@ from afine.datasets import (
 from afine.errors import AfineError
 from afine.image import load_image
 from afine.labels import Triplet, write_triplets
-from afine.sampler import ShapeGroupedBatchSampler
 
 
 def _png(path, array):
@@ -177,9 +177,8 @@ def test_dataset_items_share_one_augmentation(tmp_path):
     data = TripletDataset(items, augment=True, seed=11)
     seen = set()
     for epoch in (0, 1):
-        data.set_epoch(epoch)
         for i, (p1, p2, py, *_) in enumerate(items):
-            sample = data[i]
+            sample = data[(epoch, i)]
             found = []
             for key, path in (("x1", p1), ("x2", p2), ("y", py)):
                 matches = [f for f, t in _dihedral(load_image(path)) if t.shape == sample[key].shape
@@ -187,7 +186,7 @@ def test_dataset_items_share_one_augmentation(tmp_path):
                 assert len(matches) == 1
                 found.append(matches[0])
             assert found[0] == found[1] == found[2] == augmentation(11, epoch, i)
-            assert data.shape(i) == tuple(sample["x1"].shape[-2:])
+            assert data.shape((epoch, i)) == tuple(sample["x1"].shape[-2:])
             assert sample["keys"][0].startswith(str(p1)) and sample["keys"][2].startswith(str(py))
             seen.add(found[0])
     assert len(seen) >= 6  # augmentation really varies
@@ -196,8 +195,7 @@ def test_dataset_items_share_one_augmentation(tmp_path):
 def test_dataset_without_augmentation_and_labels(tmp_path):
     items = _triplet_files(tmp_path, 2)
     data = TripletDataset(items, augment=False)
-    data.set_epoch(5)
-    sample = data[1]
+    sample = data[(5, 1)]
     assert torch.equal(sample["x1"], load_image(items[1][0]))
     assert sample["x1"].shape == (3, 5, 7) and data.shape(1) == (5, 7)
     assert sample["g12"].dtype == torch.float32 and sample["g12"].shape == ()
@@ -209,8 +207,7 @@ def test_keys_identify_path_and_augmentation(tmp_path):
     items = items + [(items[0][1], items[0][0], items[0][2], 0.0, 0.0, 0.5)]  # same images, other triplet
     data = TripletDataset(items, seed=0)
     for epoch in range(40):
-        data.set_epoch(epoch)
-        a, b = data[0], data[1]
+        a, b = data[(epoch, 0)], data[(epoch, 1)]
         same = augmentation(0, epoch, 0) == augmentation(0, epoch, 1)
         assert (a["keys"][0] == b["keys"][1]) == same
         assert (a["keys"][0] == b["keys"][1]) == torch.equal(a["x1"], b["x2"])
@@ -277,12 +274,11 @@ def test_loader_batches_stack_and_match_across_workers(tmp_path):
     data = TripletDataset.from_lists(tmp_path, ["KADID10K", "DiffIQA"], "Train", seed=4)
 
     def run(workers):
-        data.set_epoch(2)
-        sampler = ShapeGroupedBatchSampler(data.shape, len(data), batch_size=2, seed=4)
-        sampler.set_epoch(2)
-        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate_triplets,
-                                             num_workers=workers)
-        return list(loader)
+        batches = GlobalBatches(len(data), data.shape, batch_size=2, seed=4)
+        loader = torch.utils.data.DataLoader(data, batch_sampler=batches.sampler(2 * batches.steps_per_epoch,
+                                                                                 3 * batches.steps_per_epoch),
+                                             collate_fn=collate_triplets, num_workers=workers)
+        return list(loader)  # epoch 2
 
     serial, parallel = run(0), run(2)
     assert sum(len(b["keys"]) for b in serial) == 4

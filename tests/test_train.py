@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,7 @@ import train_stage1
 import train_stage2
 import train_stage3
 from afine import config
+from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import read_afine_parts, read_network_file
 from afine.datasets import TripletDataset, collate_triplets
 from afine.distributed import Dist
@@ -23,10 +29,10 @@ from afine.errors import AfineError
 from afine.labels import MOSRecord, nlogn_triplets, write_triplets
 from afine.metrics import two_afc_accuracy
 from afine.model import load_afine
-from afine.sampler import ShapeGroupedBatchSampler
-from afine.trainer import check_state_file, distinct_images, state_files
+from afine.training import check_state_file, lock_folder, state_files
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------- corpora
@@ -86,20 +92,20 @@ def args(data_root: Path, out: Path, **over) -> list[str]:
     return [f"--{k}={v}" for k, v in base.items()]
 
 
-def stage1_config(data_root, out, **over) -> config.Stage1Config:
+def stage1_config(data_root, out, **over) -> train_stage1.Stage1Config:
     over = {"clip": "random-tiny", "lr.clip": 1e-3, "lr.natural": 1e-3, **over}
-    return config.parse_args(config.Stage1Config, args(data_root, out, **over))
+    return config.parse_args(train_stage1.Stage1Config, args(data_root, out, **over))
 
 
-def stage2_config(data_root, out, stage1_dir, **over) -> config.Stage2Config:
+def stage2_config(data_root, out, stage1_dir, **over) -> train_stage2.Stage2Config:
     over = {"stage1_dir": stage1_dir, "lr.fidelity": 1e-2, **over}
-    return config.parse_args(config.Stage2Config, args(data_root, out, **over))
+    return config.parse_args(train_stage2.Stage2Config, args(data_root, out, **over))
 
 
-def stage3_config(data_root, out, stage2_dir, **over) -> config.Stage3Config:
+def stage3_config(data_root, out, stage2_dir, **over) -> train_stage3.Stage3Config:
     over = {"stage2_dir": stage2_dir, "lr.natural_scale": 1e-2, "lr.fidelity_scale": 1e-2, "lr.adapter": 1e-2,
             **over}
-    return config.parse_args(config.Stage3Config, args(data_root, out, **over))
+    return config.parse_args(train_stage3.Stage3Config, args(data_root, out, **over))
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +148,8 @@ def test_distinct_images_encodes_each_image_once():
 
 def first_batch(data_root: Path, datasets: list[str], size: int) -> dict:
     data = TripletDataset.from_lists(data_root, datasets, "Train", seed=0)
-    sampler = ShapeGroupedBatchSampler(data.shape, len(data), size, seed=0)
-    return collate_triplets([data[i] for i in next(iter(sampler))])
+    micro = GlobalBatches(len(data), data.shape, size, seed=0).micro_batches(0)
+    return collate_triplets([data[k] for k in max(micro, key=len)])
 
 
 # ---------------------------------------------------------------------------------------------- what a step trains
@@ -392,3 +398,111 @@ def test_validation_accuracy_matches_a_per_image_loop(synth, stage1_run, tmp_pat
     accuracy, _, pairs = two_afc_accuracy(u1, u2, g)
     assert logged[-1]["val_pairs"] == pairs
     assert logged[-1]["val"]["PIPAL"] == pytest.approx(accuracy, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- the global batch
+
+
+def test_update_is_the_gradient_of_the_global_batch_mean(synth, stage1_run, tmp_path):
+    # mixed datasets and shapes, micro-batches of 2 triplets: the logged loss and gradient norm of step 1 must be
+    # those of the mean loss over the 8 triplets of global batch 0, computed here one triplet at a time
+    cfg = stage2_config(synth, tmp_path / "s2", stage1_run, total_iter=1, batch_size=8, micro_batch=6,
+                        train_datasets="KADID10K,PIPAL,TID2013")
+    model = train_stage2.build_model(cfg)
+    train_stage2.train(cfg, Dist())
+    logged = next(r for r in map(json.loads, (tmp_path / "s2" / "log.jsonl").read_text().splitlines()) if "loss" in r)
+    data = TripletDataset.from_lists(synth, cfg.train_datasets, "Train", seed=cfg.seed)
+    plan = GlobalBatches(len(data), data.shape, 8, micro_batch=6, seed=cfg.seed)
+    assert len({data.shape(k) for k in plan.keys(0)}) > 1 and len(plan.micro_batches(0)) > 1
+    losses = torch.cat([train_stage2.triplet_losses(model, collate_triplets([data[k]]), CPU, "off")
+                        for k in plan.keys(0)])
+    losses.mean().backward()
+    norm = torch.cat([model.fidelity.alpha.grad.flatten(), model.fidelity.beta.grad.flatten()]).norm().item()
+    assert logged["loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert logged["grad_norm"] == pytest.approx(norm, rel=1e-4)  # a sum over the batch would be 8 times larger
+
+
+def test_best_folder_holds_the_best_validation_and_keep_saves_every_save(square, tmp_path):
+    cfg = stage1_config(square, tmp_path / "s1", total_iter=4, val_every=1, save_every=1, keep_saves="true")
+    train_stage1.train(cfg, Dist())
+    out = tmp_path / "s1"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["val_mean"]) for r in log if "val_mean" in r]
+    best_step, best_mean = max(val, key=lambda sv: (sv[1], -sv[0]))  # the first of the highest
+    assert [r["step"] for r in log if r.get("best")][-1] == best_step
+    assert json.loads((out / "best" / "best.json").read_text()) == {"step": best_step, "val_mean": best_mean}
+    assert sorted(p.name for p in (out / "saves").iterdir()) == [f"step_{s:08d}" for s in range(1, 5)]
+    if best_step:
+        same = out / "saves" / f"step_{best_step:08d}"
+        for name in ("clip_model.pth", "net_qhead.pth"):
+            a, b = (torch.load(f / name, weights_only=True) for f in (out / "best", same))
+            a, b = a.get("params", a), b.get("params", b)
+            assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+
+
+def test_sigkill_mid_training_then_resume_ends_bitwise_like_an_uninterrupted_run(square, tmp_path):
+    over = dict(total_iter=14, save_every=2, train_datasets="KADID10K")
+    reference = run_uninterrupted(square, tmp_path / "a", **over)
+    argv = args(square, tmp_path / "b", clip="random-tiny", **{"lr.clip": 1e-3, "lr.natural": 1e-3}, **over)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    code = "import sys, torch; torch.set_num_threads(1); import train_stage1; sys.exit(train_stage1.main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "state" / "step_00000004.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its fourth step was saved"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(s for s, _ in state_files(tmp_path / "b" / "state"))
+    assert 4 <= killed_at < 14
+    orphan = tmp_path / "b" / "state" / ".step_00000099.pt.x.tmp"  # what a kill inside a save leaves behind
+    orphan.write_bytes(b"partial")
+    resumed = weights(train_stage1.train(stage1_config(square, tmp_path / "b", **over), Dist()))
+    assert all(torch.equal(resumed[k], v) for k, v in reference.items())
+    assert not orphan.exists()
+
+
+def test_a_second_run_on_a_locked_folder_fails_naming_the_holder(square, tmp_path, capsys):
+    out = tmp_path / "s1"
+    handle = lock_folder(out)
+    try:
+        assert train_stage1.main(args(square, out, clip="random-tiny")) == 2
+    finally:
+        handle.close()
+    err = capsys.readouterr().err
+    assert "in use by another training run" in err and f"pid {os.getpid()}" in err and err.count("\n") == 1
+    assert train_stage1.main(args(square, out, clip="random-tiny")) == 0  # released: the folder is usable again
+
+
+def test_a_fresh_start_never_deletes_an_unfinished_run_without_overwrite(square, tmp_path, capsys):
+    argv = args(square, tmp_path / "s1", clip="random-tiny", total_iter=4, save_every=2)
+    kill = [*argv, "--total_iter=2"]
+    assert train_stage1.main(kill) == 0  # a run stopped at step 2 of what will be 4
+    assert train_stage1.main([*argv, "--resume=false"]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert [s for s, _ in state_files(tmp_path / "s1" / "state")] == [2]
+    out_file = tmp_path / "file"
+    out_file.write_text("x")
+    assert train_stage1.main(args(square, out_file, clip="random-tiny")) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_stage2_refuses_to_resume_or_load_on_a_changed_stage1(synth, stage1_run, tmp_path, capsys):
+    import shutil
+
+    s1 = tmp_path / "s1"
+    shutil.copytree(stage1_run, s1)
+    argv = args(synth, tmp_path / "s2", stage1_dir=s1, total_iter=1, train_datasets="KADID10K")
+    assert train_stage2.main(argv) == 0
+    load_afine(None, tmp_path / "s2", require=("fidelity",))  # consistent: loads
+    clip = torch.load(s1 / "clip_model.pth", weights_only=True)
+    clip["visual.ln_pre.bias"] += 0.1
+    torch.save(clip, s1 / "clip_model.pth")  # stage 1 changed after stage 2 was trained on it
+    assert train_stage2.main([*argv, "--total_iter=2"]) == 2
+    assert "clip_model.pth" in capsys.readouterr().err
+    with pytest.raises(AfineError, match="clip_model.pth.*changed"):
+        load_afine(None, tmp_path / "s2", require=("fidelity",))

@@ -1,0 +1,461 @@
+"""What the three training stages share, as plain functions; each train_stageN.py writes its own loop with them.
+
+Run folder (`out_dir`): config.json (the resolved config), the stage's official files (the latest save),
+best/ (the official files of the validation with the best mean accuracy), saves/step_XXXXXXXX/ (every save's
+official files, with keep_saves), built_on.json (digests of the earlier stages' files it was trained on),
+log.jsonl, and state/step_XXXXXXXX.pt + .json (training state and its checksum; the last two kept).
+A run holds a lock on its folder. Starting again with the same out_dir resumes bitwise from the newest
+intact state; a damaged one is skipped with a warning. Training draws no random numbers (batch order and
+augmentation are functions of seed, epoch and index), so a state is weights, optimiser, scaler and step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import config as configs
+from . import distributed
+from .atomic import write_json
+from .batches import shape_groups
+from .checkpoint import PART_FILES, atomic_save, load_strict, sha256
+from .datasets import ImageIndex, TripletDataset, collate_triplets, diffiqa_type_files, images_dir, resolve_triplets
+from .distributed import Dist
+from .errors import AfineError, unwrap_worker_error
+from .metrics import two_afc_accuracy
+from .schedule import cosine_restart_lr
+
+STATE_VERSION = 2
+KEEP_STATES = 2
+OFFICIAL_FILES = (*PART_FILES.values(), "afine.pth")
+
+
+# ---------------------------------------------------------------------------------------------- model and data
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed precision for the CLIP forward pass: bf16, fp16 or off (float32, as published)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
+    return torch.autocast(device.type, dtype=dtype, enabled=amp != "off")
+
+
+def adamw(cfg, trained: dict[str, nn.Module], lrs: dict[str, float]) -> torch.optim.AdamW:
+    """Freeze everything but the trained modules (train mode) and give each module an AdamW group."""
+    for module in trained.values():
+        module.requires_grad_(True).train()
+    groups = [{"name": name, "params": list(module.parameters()), "lr": lrs[name], "base_lr": lrs[name]}
+              for name, module in trained.items()]
+    return torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                             weight_decay=cfg.optim.weight_decay)
+
+
+def freeze(model: nn.Module) -> None:
+    """No gradients and eval mode for the whole model (the trained modules are switched back by adamw)."""
+    model.requires_grad_(False).eval()
+
+
+def validation_sets(data_root: str | Path, datasets: list[str]) -> list[tuple[str, TripletDataset]]:
+    """The validation lists (no augmentation): one per traditional dataset, one per DiffIQA type."""
+    sets = []
+    for name in datasets:
+        if name == "DiffIQA":
+            index = ImageIndex(images_dir(data_root, name, "Validation"))
+            for kind, path in diffiqa_type_files(data_root, "Validation").items():
+                sets.append((f"DiffIQA/{kind}", TripletDataset(resolve_triplets(path, index), augment=False)))
+        else:
+            sets.append((name, TripletDataset.from_lists(data_root, [name], "Validation", augment=False)))
+    return sets
+
+
+def loader(data: TripletDataset, batches, workers: int, device: torch.device) -> Iterator[dict]:
+    """Collated batches for the lists of triplet keys `batches` yields, decoded by `workers` processes."""
+    return iter(torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate_triplets,
+                                            num_workers=workers, pin_memory=device.type == "cuda"))
+
+
+def file_digests(paths: list[Path]) -> dict[str, str]:
+    """{absolute path: SHA-256} of the files a stage is built on (earlier stages' networks)."""
+    return {str(Path(p).resolve()): sha256(p) for p in paths}
+
+
+# ---------------------------------------------------------------------------------------------- the run folder
+
+
+@dataclass
+class Run:
+    """Where a training run stands: its folder, step, best validation, log and progress bar."""
+
+    cfg: object
+    dist: Dist
+    out: Path
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"step": None, "val_mean": -math.inf})
+    saved: int | None = None  # step of the newest state on disk
+    log_file: object = None
+    bar: object = None
+    lock: object = None
+    tick: tuple = (0.0, 0)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out / "state"
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in (self.bar, self.log_file, self.lock):
+            if handle is not None:
+                handle.close()
+        self.bar = self.log_file = self.lock = None
+
+
+def state_files(state_dir: Path) -> list[tuple[int, Path]]:
+    """(step, state file) of every state file in the folder, newest first."""
+    found = []
+    for path in state_dir.glob("step_*.pt") if state_dir.is_dir() else []:
+        with contextlib.suppress(ValueError):
+            found.append((int(path.stem.split("_")[1]), path))
+    return sorted(found, reverse=True)
+
+
+def check_state_file(path: Path) -> dict | None:
+    """The state's metadata if the file matches its recorded size and SHA-256, else None."""
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        if path.stat().st_size != meta["bytes"] or sha256(path) != meta["sha256"]:
+            return None
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def lock_folder(out: Path):
+    """An exclusive lock on out_dir/.lock held for the run; a second run on the folder fails naming the holder."""
+    if out.exists() and not out.is_dir():
+        raise AfineError(f"{out}: out_dir is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / ".lock", "a+")
+    except OSError as e:
+        raise AfineError(f"{out}: cannot use as run folder ({e.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise AfineError(f"{out}: in use by another training run ({holder}); wait for it or use another out_dir") \
+            from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def remove_leftovers(out: Path) -> None:
+    """Temporary files of a killed run (each may be a whole training state) and half-swapped best/ folders."""
+    for folder in (out, out / "state", out / "best"):
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+    if (out / "best.old").is_dir() and not (out / "best").is_dir():
+        os.replace(out / "best.old", out / "best")
+    for name in ("best.tmp", "best.old"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict) -> tuple[str, str | None]:
+    """Rank 0 decides: ('fresh', None) or ('resume', state file); user mistakes raise."""
+    states = state_files(out / "state")
+    if cfg.resume and states:
+        for _, path in states:
+            meta = check_state_file(path)
+            if meta is None:
+                warn(f"{path}: training state damaged (size or checksum mismatch); trying the previous one")
+                continue
+            changed = [k for k in configs.differences(meta.get("config", {}), configs.to_dict(cfg))
+                       if k.split(".")[0] not in configs.RESUMABLE]
+            if changed:
+                raise AfineError(f"{out}: config differs from the run being resumed in {', '.join(changed)}; use "
+                                 "the same values, or --resume=false --overwrite=true to start afresh")
+            if meta.get("global_batch") != global_batch:
+                raise AfineError(f"{out}: global batch {global_batch} (batch_size x grad_accum x {d.world_size} "
+                                 f"processes) differs from the run's {meta.get('global_batch')}; match it to resume")
+            recorded = meta.get("built_on", {})
+            if recorded != built_on:
+                moved = sorted(set(recorded) ^ set(built_on) | {k for k in recorded if recorded[k] != built_on.get(k)})
+                raise AfineError(f"{out}: was trained on other earlier-stage files than now ({', '.join(moved)} "
+                                 "changed or differ); resume with the same stage folders or start afresh")
+            if meta["step"] > cfg.total_iter:
+                raise AfineError(f"{out}: the run is at step {meta['step']}, beyond total_iter {cfg.total_iter}")
+            return "resume", str(path)
+        raise AfineError(f"{out / 'state'}: no intact training state left; start afresh with --resume=false "
+                         "--overwrite=true")
+    held = [name for name in (*OFFICIAL_FILES, "best", "saves", "state") if (out / name).exists()]
+    if held and not cfg.overwrite:
+        raise AfineError(f"{out}: holds an earlier run ({', '.join(held)}); resume it (--resume=true), pass "
+                         "--overwrite=true to replace it, or use another out_dir")
+    for name in held + ["log.jsonl", "built_on.json"]:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return "fresh", None
+
+
+def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global_batch: int,
+          built_on: dict | None = None) -> Run:
+    """Lock the run folder, then start afresh (every rank from rank 0's weights) or resume the newest state."""
+    out = Path(cfg.out_dir)
+    built_on = built_on or {}
+    run = Run(cfg, d, out)
+    plan = None
+    if d.is_main:
+        try:
+            run.lock = lock_folder(out)
+            remove_leftovers(out)
+            plan = _plan(cfg, d, out, global_batch, built_on)
+        except AfineError as e:
+            plan = ("error", str(e))
+    plan = distributed.broadcast_object(d, plan)
+    if plan[0] == "error":
+        run.__exit__()
+        raise AfineError(plan[1])
+    if plan[0] == "resume":
+        path = Path(plan[1])
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("version") != STATE_VERSION:
+            raise AfineError(f"{path}: training state version {state.get('version')}, expected {STATE_VERSION}")
+        for name, module in trained.items():
+            load_strict(module, state["modules"][name], f"{path}[{name}]")
+        optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        run.step = run.saved = state["step"]
+        run.best = state["best"]
+    else:
+        distributed.broadcast_parameters(d, [p for m in trained.values() for p in m.parameters()])
+    if d.is_main:
+        write_json(out / "config.json", configs.to_dict(cfg))
+        write_json(out / "built_on.json", built_on)
+        print(json.dumps(configs.to_dict(cfg), indent=2))
+        if plan[0] == "resume":
+            _truncate_log(out / "log.jsonl", run.step)
+            print(f"resuming {out} from {Path(plan[1]).name} (step {run.step})", file=sys.stderr)
+        run.log_file = open(out / "log.jsonl", "a")
+        log(run, {"event": plan[0], "step": run.step, "world_size": d.world_size, "global_batch": global_batch})
+        if run.step >= cfg.total_iter:
+            print(f"{out}: run finished at step {run.step} (total_iter {cfg.total_iter}); nothing to do. Raise "
+                  "total_iter to train on, or --resume=false --overwrite=true to start again.")
+        else:
+            run.bar = tqdm(total=cfg.total_iter, initial=run.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    run.tick = (time.perf_counter(), run.step)
+    distributed.barrier(d)
+    return run
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after the resumed state (they will be run again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+    path.with_name(".log.jsonl.tmp").write_text("".join(kept))
+    os.replace(path.with_name(".log.jsonl.tmp"), path)
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+
+def sync_gradients(run: Run, params: list[torch.Tensor], loss_sum: torch.Tensor, global_batch: int,
+                   scaler) -> tuple[float, float]:
+    """Sum the gradients (already divided by the global batch size) and the loss over ranks in one all-reduce:
+    every rank then holds the gradient of the mean loss over the global batch. Returns (mean loss, grad norm).
+
+    A NaN or inf loss (or gradient, without fp16's scaler, which skips such steps itself) stops the run
+    before anything is updated.
+    """
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        raise AfineError(f"step {run.step + 1}: no trained parameter received a gradient")
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params] + [loss_sum.detach().float().reshape(1)])
+    distributed.all_reduce_sum(run.dist, flat)
+    grads = flat[:-1]
+    for p, g in zip(params, grads.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+    ok = torch.isfinite(grads).all() if not scaler.is_enabled() else torch.ones((), dtype=torch.bool)
+    loss, norm, ok = torch.stack([flat[-1] / global_batch, grads.norm() / scaler.get_scale(), ok.to(flat)]).tolist()
+    if not math.isfinite(loss) or not ok:
+        saved = f"the last saved state, step {run.saved}, is intact in {run.state_dir}" if run.saved is not None \
+            else "no training state was saved yet"
+        what = f"loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
+        raise AfineError(f"step {run.step + 1}: {what}; training stopped ({saved})")
+    return loss, norm
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg, step: int) -> dict[str, float]:
+    """Each group's learning rate for update `step` (1-based): cosine annealing with restarts."""
+    s = cfg.schedule
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_restart_lr(step, group["base_lr"], s.periods, s.restart_weights, s.eta_min)
+    return {group["name"]: group["lr"] for group in optimizer.param_groups}
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """Validation / saving is due after update `step`: every `every` steps (0: never) and at the end."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+def log_step(run: Run, loss: float, lrs: dict[str, float], grad_norm: float) -> None:
+    """Progress bar, and one log.jsonl line every log_every steps (rank 0)."""
+    if not run.dist.is_main:
+        return
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}", refresh=False)
+    every = run.cfg.log_every
+    if every and (run.step % every == 0 or run.step == run.cfg.total_iter):
+        seconds, steps = time.perf_counter() - run.tick[0], run.step - run.tick[1]
+        log(run, {"step": run.step, "loss": loss, "lr": lrs, "grad_norm": grad_norm, "steps_per_s": steps / seconds})
+        run.tick = (time.perf_counter(), run.step)
+
+
+def log(run: Run, record: dict) -> None:
+    if run.log_file is not None:
+        run.log_file.write(json.dumps({**record, "time": time.time()}) + "\n")
+        run.log_file.flush()
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- validate, save
+
+
+@torch.no_grad()
+def validate(run: Run, sets: list[tuple[str, TripletDataset]], scores: Callable, model: nn.Module) -> bool:
+    """2AFC accuracy of g12 per validation list and per dataset, and their mean over datasets; logged.
+    Every rank scores its share of the shape-grouped batches; the counts are summed over ranks.
+    `scores(model, batch, run)` -> (u1, u2), lower is better. Returns whether the mean is the best so far."""
+    tick, cfg, d = time.perf_counter(), run.cfg, run.dist
+    cap = min(cfg.batch_size, max(1, cfg.micro_batch // 3)) if cfg.micro_batch else cfg.batch_size
+    counts = torch.zeros(len(sets), 2, dtype=torch.float64)
+    for k, (_, data) in enumerate(sets):
+        mine = shape_groups(list(range(len(data))), data.shape, cap)[d.rank::d.world_size]
+        for batch in loader(data, mine, cfg.workers, d.device):
+            u1, u2 = scores(model, batch, run)
+            _, correct, pairs = two_afc_accuracy(u1.float().cpu(), u2.float().cpu(), batch["g12"])
+            counts[k] += torch.tensor([correct, pairs], dtype=torch.float64)
+    counts = distributed.all_reduce_sum(d, counts.to(d.device)).cpu()
+    accuracy = {name: (c / n).item() if n else math.nan for (name, _), (c, n) in zip(sets, counts)}
+    pooled: dict[str, torch.Tensor] = {}  # per dataset (DiffIQA's type lists pooled)
+    for (name, _), c in zip(sets, counts):
+        pooled[name.split("/")[0]] = pooled.get(name.split("/")[0], 0) + c
+    per_dataset = {name: (c[0] / c[1]).item() if c[1] else math.nan for name, c in pooled.items()}
+    accuracy.update(per_dataset)
+    valid = [a for a in per_dataset.values() if not math.isnan(a)]
+    mean = sum(valid) / len(valid) if valid else math.nan
+    best = mean > run.best["val_mean"]
+    if best:
+        run.best = {"step": run.step, "val_mean": mean}
+    log(run, {"step": run.step, "val": accuracy, "val_mean": mean, "val_pairs": int(counts[:, 1].sum()),
+              "val_seconds": time.perf_counter() - tick, **({"best": "best/"} if best else {})})
+    if d.is_main:
+        text = ", ".join(f"{name} {a:.3f}" for name, a in accuracy.items())
+        (run.bar.write if run.bar else print)(f"step {run.step}: validation 2AFC mean {mean:.4f} ({text})",
+                                              file=sys.stderr)
+    return best
+
+
+def write_official(folder: Path, files: dict[str, object]) -> None:
+    """The stage's official network files (name -> object for torch.save), each written atomically."""
+    for name, obj in files.items():
+        atomic_save(obj, folder / name)
+
+
+def write_best(run: Run, files: dict[str, object]) -> None:
+    """best/: the official files of the best validation so far, swapped in whole (never half old, half new)."""
+    if not run.dist.is_main:
+        return
+    tmp, best, old = run.out / "best.tmp", run.out / "best", run.out / "best.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_official(tmp, files)
+    write_json(tmp / "best.json", run.best)
+    if best.is_dir():
+        os.replace(best, old)
+    os.replace(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save(run: Run, trained: dict[str, nn.Module], optimizer, scaler, files: dict[str, object],
+         global_batch: int) -> None:
+    """The training state (atomic, with its checksum; the last two kept) and the official files (rank 0)."""
+    if run.dist.is_main:
+        path = run.state_dir / f"step_{run.step:08d}.pt"
+        state = {"version": STATE_VERSION, "step": run.step, "best": run.best,
+                 "modules": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+                             for name, m in trained.items()},
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
+        atomic_save(state, path)
+        built_on = json.loads((run.out / "built_on.json").read_text())
+        finished = run.step >= run.cfg.total_iter
+        write_json(path.with_suffix(".json"), {"step": run.step, "finished": finished, "bytes": path.stat().st_size,
+                                               "sha256": sha256(path), "global_batch": global_batch,
+                                               "built_on": built_on, "config": configs.to_dict(run.cfg)})
+        for _, stale in state_files(run.state_dir)[KEEP_STATES:]:
+            stale.unlink(missing_ok=True)
+            stale.with_suffix(".json").unlink(missing_ok=True)
+        write_official(run.out, files)
+        if run.cfg.keep_saves:
+            write_official(run.out / "saves" / f"step_{run.step:08d}", files)
+        log(run, {"step": run.step, "saved": path.name, "finished": finished})
+    run.saved = run.step
+    distributed.barrier(run.dist)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def main(train: Callable, config_class, argv: list[str] | None, doc: str) -> int:
+    """Parse the config, join the process group, run `train(cfg, dist)`; user mistakes -> one line, exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"{doc.strip()}\n\nConfig keys (defaults; JSON file via --config, override with --key=value):\n"
+              f"{configs.usage(config_class)}")
+        return 0
+    d = None
+    try:
+        cfg = configs.parse_args(config_class, argv)
+        d = distributed.setup(cfg.device)
+        train(cfg, d)
+    except KeyboardInterrupt:
+        if d is None or d.is_main:
+            print("interrupted; run the same command again to resume from the last saved state", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user mistakes (also raised in DataLoader workers) become one line
+        error = unwrap_worker_error(e)
+        if not isinstance(error, AfineError):
+            raise
+        if d is None or d.is_main:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if d is not None:
+            distributed.close(d)
+    return 0
