@@ -1,4 +1,4 @@
-"""2AFC accuracy of an A-FINE model on the published benchmarks (SPEC section 9), in one run.
+"""2AFC accuracy of an A-FINE model on the published benchmarks (README, "Evaluate"), in one run.
 
     python evaluate.py --bench all --data-root ROOT --clip ViT-B-32.pt --weights afine.pth
     python evaluate.py --bench kadid10k,sriqa-all --data-root ROOT --weights runs/s1 --stage 1 --json s1.json
@@ -50,7 +50,7 @@ from afine.model import load_afine
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared with fit_gamma.py."""
-    parser.add_argument("--data-root", required=True, help="folder holding the dataset folders (SPEC section 10)")
+    parser.add_argument("--data-root", required=True, help="folder holding the dataset folders (see the README)")
     parser.add_argument("--weights", required=True, help="merged afine.pth or a training run folder")
     parser.add_argument("--clip", help="CLIP checkpoint, if the weights hold no fine-tuned CLIP")
     parser.add_argument("--batch-size", type=int, default=16, help="images per CLIP batch (default 16)")

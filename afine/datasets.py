@@ -1,4 +1,4 @@
-"""Dataset layouts (SPEC section 10), triplet datasets for training and 2AFC evaluation (sections 7, 9).
+"""Dataset layouts (README, "Prepare the datasets"), triplet datasets for training and 2AFC evaluation.
 
 Images are found by file name: one ImageIndex per dataset (per split for DiffIQA) maps names to paths,
 searching the images folder recursively. Training triplets are used at full size; each triplet gets
@@ -119,7 +119,7 @@ def diffiqa_type_file(data_root: str | Path, split: str, type: str) -> Path:
 
 
 def diffiqa_type_files(data_root: str | Path, split: str) -> dict[str, Path]:
-    """Every per-type list present for a DiffIQA split (SPEC types first, then any others, sorted)."""
+    """Every per-type list present for a DiffIQA split (PSY, PNY, SNY, PYY, NYY first, then any others, sorted)."""
     _check_split(split)
     root = dataset_dir(data_root, "DiffIQA")
     folder = (root / "Train" / "trainlabel" if split == "Train" else root / split) / "TripletEachType"
