@@ -9,6 +9,7 @@ Labels g: 1 = first image better, 0 = second better, 0.5 = same. MOS: higher is 
     python -m afine.labels nlogn --mos-dir D --out FILE --seed S
     python -m afine.labels lowercase-tid2013 ROOT
     python -m afine.labels pipal-mos --mos-dir D [--out FILE]
+    python -m afine.labels from-csv scores.csv --out data/MyIQA [--seed S] [--images copy|symlink|hardlink]
 """
 
 from __future__ import annotations
@@ -327,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mos-dir", required=True, help="folder of MOS *.txt lists")
     p.add_argument("--out", help="MOS list to write (default: print dis,ref,mos lines)")
     p.set_defaults(func=_cmd_pipal_mos)
+    from . import csvdataset  # imports this module: only once it is fully defined
+
+    p = sub.add_parser("from-csv", help="make a dataset in the traditional layout from a CSV of dis,ref,mos rows")
+    csvdataset.add_arguments(p)
+    p.set_defaults(func=csvdataset.run)
     args = parser.parse_args(argv)
     args.func(args)
     return 0
