@@ -1,4 +1,4 @@
-"""2AFC accuracy of an A-FINE model on the published benchmarks (SPEC section 9), in one run.
+"""2AFC accuracy of an A-FINE model on the published benchmarks (README, "Evaluate"), in one run.
 
     python evaluate.py --bench all --data-root ROOT --clip ViT-B-32.pt --weights afine.pth
     python evaluate.py --bench kadid10k,sriqa-all --data-root ROOT --weights runs/s1 --stage 1 --json s1.json
@@ -8,7 +8,9 @@
 its config.json); --clip is needed only when the weights hold no fine-tuned CLIP. The score is the raw
 naturalness N for --stage 1, the raw fidelity F for --stage 2, and D for --stage 3 (default, released models).
 Lower is better. Benchmarks: sriqa-all, sriqa-reg, sriqa-gen, diffiqa-psy, diffiqa-pny, diffiqa-sny,
-diffiqa-pyy, diffiqa-nyy, kadid10k, tid2013, pipal (see afine/benchmarks.py for the files each reads).
+diffiqa-pyy, diffiqa-nyy, kadid10k, tid2013, pipal (see afine/benchmarks.py for the files each reads). Any other
+name is a dataset folder under --data-root laid out like KADID10K (images/, Test/Triplet/Triplet.txt, Test/MOS/),
+evaluated like kadid10k.
 With --bench all, a benchmark whose folder is missing (the dataset folder, or its Test/ or SRIQA MOS folder) is
 listed as skipped; naming a missing benchmark is an error.
 
@@ -50,7 +52,7 @@ from afine.model import load_afine
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared with fit_gamma.py."""
-    parser.add_argument("--data-root", required=True, help="folder holding the dataset folders (SPEC section 10)")
+    parser.add_argument("--data-root", required=True, help="folder holding the dataset folders (see the README)")
     parser.add_argument("--weights", required=True, help="merged afine.pth or a training run folder")
     parser.add_argument("--clip", help="CLIP checkpoint, if the weights hold no fine-tuned CLIP")
     parser.add_argument("--batch-size", type=int, default=16, help="images per CLIP batch (default 16)")
@@ -131,7 +133,8 @@ def table(names: list[str], results: dict[str, dict], skipped: dict[str, str]) -
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", default="all", help="'all' or a comma list of benchmark names (default all)")
+    parser.add_argument("--bench", default="all",
+                        help="'all' or a comma list of benchmark names or dataset folder names (default all)")
     parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=3,
                         help="score: 1 raw naturalness, 2 raw fidelity, 3 D (default)")
     parser.add_argument("--json", help="write results to this JSON file")
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         check_model_arguments(args)
-        names = parse_benchmarks(args.bench)
+        names = parse_benchmarks(args.bench, args.data_root)
         all_named = "all" in [n.strip().lower() for n in args.bench.split(",")]
         skipped = {n: f"no folder {missing_folder(args.data_root, n)}" for n in names
                    if all_named and missing_folder(args.data_root, n) is not None}

@@ -1,4 +1,4 @@
-"""The published 2AFC benchmarks (SPEC section 9): which label file each reads and how its pairs are built.
+"""The published 2AFC benchmarks (README, "Evaluate"): which label file each reads and how its pairs are built.
 
 A benchmark is a list of labelled pairs (x1, x2) sharing a reference y, plus, for MOS-labelled test sets,
 per-image MOS with each image's reference (for SRCC / PLCC / KRCC).
@@ -9,6 +9,8 @@ per-image MOS with each image's reference (for SRCC / PLCC / KRCC).
 - diffiqa-psy, -pny, -sny, -pyy, -nyy: DiffIQA/Test/TripletEachType/<TYPE>.txt, columns x1,x2,y,g12.
 - kadid10k, tid2013, pipal: <dataset>/Test/Triplet/Triplet.txt, column g12, pairs (x1, x2) with reference y;
   MOS correlations from <dataset>/Test/MOS/*.txt (dis scored against its ref).
+- any other name: a dataset folder of that name under the data root, in the traditional layout
+  (afine.datasets.traditional_dataset_dir), read like kadid10k.
 Images are found by file name under the dataset's images folder (afine.datasets.ImageIndex).
 """
 
@@ -28,6 +30,7 @@ from .datasets import (
     resolve_triplets,
     sriqa_mos_files,
     sriqa_pairs,
+    traditional_dataset_dir,
     triplet_file,
 )
 from .errors import AfineError
@@ -60,26 +63,49 @@ class Benchmark:
 
 
 def dataset_of(name: str) -> str:
-    """The dataset folder a benchmark reads."""
+    """The dataset folder a benchmark reads; any name but the published ones is itself a dataset folder name."""
     if name in SRIQA:
         return "SRIQA-Bench"
     if name in DIFFIQA:
         return "DiffIQA"
     if name in TRADITIONAL:
         return TRADITIONAL[name]
-    raise AfineError(f"unknown benchmark {name!r}; expected 'all' or some of {', '.join(BENCHMARKS)}")
+    return name
 
 
-def parse_benchmarks(text: str) -> list[str]:
-    """'all' or a comma list of benchmark names -> names (validated, duplicates dropped, order kept)."""
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+def parse_benchmarks(text: str, data_root: str | Path | None = None) -> list[str]:
+    """'all' or a comma list of benchmark names -> names (validated, duplicates dropped, order kept).
+
+    Published names are case-insensitive and 'all' stands for all of them. Any other name must be a folder
+    under `data_root` in the traditional layout (case kept); without `data_root` it is an error.
+    """
+    names = []
+    for n in (n.strip() for n in text.split(",")):
+        if n.lower() == "all":
+            names += BENCHMARKS
+        elif n.lower() in BENCHMARKS:
+            names.append(n.lower())
+        elif n:
+            custom_benchmark(data_root, n)
+            names.append(n)
     if not names:
         raise AfineError("--bench: no benchmark named")
-    if "all" in names:
-        return list(BENCHMARKS)
-    for n in names:
-        dataset_of(n)
     return list(dict.fromkeys(names))
+
+
+def custom_benchmark(data_root: str | Path | None, name: str) -> Path:
+    """The folder of a benchmark that is not a published one: a traditional-layout dataset under the data root."""
+    published = f"'all', {', '.join(BENCHMARKS)}"
+    readers = [b for b in BENCHMARKS if dataset_of(b) == name]
+    if readers:
+        raise AfineError(f"unknown benchmark {name!r}; the {name} benchmarks are {', '.join(readers)}")
+    if data_root is None or not (Path(data_root) / name).is_dir():
+        where = "" if data_root is None else f" and no dataset folder {Path(data_root) / name}"
+        alike = [] if data_root is None else [p.name for p in Path(data_root).iterdir()
+                                              if p.is_dir() and p.name.lower() == name.lower()]
+        hint = f" (did you mean {alike[0]!r}? folder names are case-sensitive)" if alike else ""
+        raise AfineError(f"unknown benchmark {name!r}: not one of {published}{where}{hint}")
+    return traditional_dataset_dir(data_root, name)
 
 
 def missing_folder(data_root: str | Path, name: str) -> Path | None:

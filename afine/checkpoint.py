@@ -1,4 +1,4 @@
-"""Checkpoint files (SPEC section 11): the merged `afine.pth`, BasicSR-style per-network files, CLIP files.
+"""Checkpoint files (README, "Export for pyiqa"): the merged `afine.pth`, BasicSR-style per-network files, CLIP files.
 
 Every read error is an AfineError naming the file (and the keys at fault); every write is atomic.
 """

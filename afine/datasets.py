@@ -1,4 +1,4 @@
-"""Dataset layouts (SPEC section 10), triplet datasets for training and 2AFC evaluation (sections 7, 9).
+"""Dataset layouts (README, "Prepare the datasets"), triplet datasets for training and 2AFC evaluation.
 
 Images are found by file name: one ImageIndex per dataset (per split for DiffIQA) maps names to paths,
 searching the images folder recursively. Training triplets are used at full size; each triplet gets
@@ -71,12 +71,38 @@ def _existing(path: Path, what: str) -> Path:
 
 
 def dataset_dir(data_root: str | Path, name: str) -> Path:
-    """<data_root>/<name> for a dataset in DATASETS; error if unknown or missing."""
+    """<data_root>/<name> for a dataset in DATASETS, or for any other folder in the traditional layout
+    (see traditional_dataset_dir); error if unknown or missing."""
     if name not in DATASETS:
-        raise AfineError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+        return traditional_dataset_dir(data_root, name)
     path = Path(data_root) / name
     if not path.is_dir():
         raise AfineError(f"{path}: dataset folder not found")
+    return path
+
+
+TRADITIONAL_LAYOUT = "images/ and Train|Validation|Test/ with MOS/*.txt and Triplet/Triplet.txt, like KADID10K"
+
+
+def traditional_dataset_dir(data_root: str | Path, name: str) -> Path:
+    """<data_root>/<name> for a dataset laid out like KADID10K, PIPAL and TID2013: every image in `images/`,
+    split folders `Train/`, `Validation/`, `Test/` (at least one), each with `MOS/*.txt` and `Triplet/Triplet.txt`.
+
+    The split files themselves are checked when read. Errors say why a name is not accepted.
+    """
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise AfineError(f"unknown dataset {name!r}: a dataset is named by its folder under the data root")
+    path = Path(data_root) / name
+    known = ", ".join(DATASETS)
+    if not path.is_dir():
+        raise AfineError(f"unknown dataset {name!r}: no folder {path} (known: {known}; any other dataset needs "
+                         f"a folder laid out as {TRADITIONAL_LAYOUT})")
+    if not (path / "images").is_dir():
+        raise AfineError(f"{path}: not a dataset in the traditional layout (no images/ folder; expected "
+                         f"{TRADITIONAL_LAYOUT})")
+    if not any((path / split).is_dir() for split in SPLITS):
+        raise AfineError(f"{path}: not a dataset in the traditional layout (no Train/, Validation/ or Test/ folder; "
+                         f"expected {TRADITIONAL_LAYOUT})")
     return path
 
 
@@ -116,7 +142,7 @@ def diffiqa_type_file(data_root: str | Path, split: str, type: str) -> Path:
 
 
 def diffiqa_type_files(data_root: str | Path, split: str) -> dict[str, Path]:
-    """Every per-type list present for a DiffIQA split (SPEC types first, then any others, sorted)."""
+    """Every per-type list present for a DiffIQA split (PSY, PNY, SNY, PYY, NYY first, then any others, sorted)."""
     _check_split(split)
     root = dataset_dir(data_root, "DiffIQA")
     folder = (root / "Train" / "trainlabel" if split == "Train" else root / split) / "TripletEachType"

@@ -1,9 +1,16 @@
-"""Fidelity head (SPEC section 5; released key `fidelity`, official name AFINEDhead).
+"""Fidelity head of A-FINE (released key `fidelity`, official name AFINEDhead): the full-reference term F.
 
-A full-reference term in the style of DISTS: per channel, compare the means (structure-free
-luminance-like term S1) and the covariance (structure term S2) of the test and reference
-tokens at the pixel level and at every CLIP block, with learned softplus weights. Lower is better;
-about 0 when test == reference.
+In the style of DISTS: per channel, over tokens, compare the means (S1) and the covariance (S2) of the test
+image x and the reference y, at the pixel level and at every CLIP block (ReLU'd patch tokens), with learned
+weights a = softplus(alpha), b = softplus(beta), jointly normalised to sum 1:
+
+    S1 = (2 mx my + c) / (mx^2 + my^2 + c),   S2 = (2 cov + c) / (vx + vy + c),   c = 1e-10
+    F_raw = 1 - sum over levels and channels of (a S1 + b S2)
+
+(population variances; cov = mean(x y) - mx my). Lower is better; about 0 when x == y. See the README,
+"What A-FINE computes".
+
+Self-contained (imports only torch): copy this file alone into another project.
 """
 
 from __future__ import annotations
@@ -12,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .image import CLIP_MEAN, CLIP_STD
-from .naturalness import pixel_tokens
-
-C = 1e-10
+# CLIP's per-channel input normalisation; the head undoes it to compare the pixel values.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+C = 1e-10  # keeps S1 and S2 finite for constant channels
 
 
 def similarity(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +35,14 @@ def similarity(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return s1, s2
 
 
+def pixel_tokens(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Normalised images [B, 3, H, W] -> pixel values as tokens [B, H*W, 3] (normalisation undone)."""
+    return (x * std + mean).flatten(2).transpose(1, 2)
+
+
 class FidelityHead(nn.Module):
+    """Raw fidelity F of test images against references, from both images and their CLIP block outputs."""
+
     def __init__(self, width: int = 768, layers: int = 12):
         super().__init__()
         self.chns = (3,) + (width,) * layers

@@ -1,4 +1,4 @@
-"""Image decoding and A-FINE's preprocessing (SPEC section 2)."""
+"""Image decoding and A-FINE's preprocessing: RGB in [0, 1], CLIP normalisation, bicubic resize to multiples of 32."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Label files of the IQA datasets (SPEC sections 8, 10): MOS lists, triplet lists, SRIQA scores.
+"""Label files of the IQA datasets (README, "Prepare the datasets"): MOS lists, triplet lists, SRIQA scores.
 
 Readers validate every line and raise AfineError("path:LINE: ...") on malformed input; writers
 produce the distributed formats. Also here: the "nlogn" triplet generation from MOS lists, the
@@ -9,6 +9,7 @@ Labels g: 1 = first image better, 0 = second better, 0.5 = same. MOS: higher is 
     python -m afine.labels nlogn --mos-dir D --out FILE --seed S
     python -m afine.labels lowercase-tid2013 ROOT
     python -m afine.labels pipal-mos --mos-dir D [--out FILE]
+    python -m afine.labels from-csv scores.csv --out data/MyIQA [--seed S] [--images copy|symlink|hardlink]
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def compare(a: float, b: float) -> float:
 
 
 def nlogn_triplets(records: list[MOSRecord], seed: int) -> list[Triplet]:
-    """SPEC section 10's "nlogn" triplets: per reference group, each image paired with round(log2 n) others.
+    """The traditional datasets' "nlogn" triplets: per reference group, each image paired with round(log2 n) others.
 
     A group holds the reference's distorted images plus the reference itself (n images; the reference
     is better than all). Each image is x1 of exactly k = round(log2 n) triplets and x2 of exactly k, with
@@ -234,7 +235,7 @@ def nlogn_triplets(records: list[MOSRecord], seed: int) -> list[Triplet]:
 
 
 def normalise_pipal_mos(mos: np.ndarray) -> np.ndarray:
-    """SPEC section 8: PIPAL MOS to [-2, 2] with the sign flipped (best -> -2): -((m - min)/(max - min)*4 - 2)."""
+    """fit_gamma's target: PIPAL MOS to [-2, 2] with the sign flipped (best -> -2): -((m - min)/(max - min)*4 - 2)."""
     m = np.asarray(mos, dtype=np.float64)
     if m.size == 0:
         raise AfineError("no MOS values to normalise")
@@ -323,10 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("lowercase-tid2013", help="lower-case TID2013 image and label file names in place")
     p.add_argument("root", help="the TID2013 dataset folder")
     p.set_defaults(func=_cmd_lowercase)
-    p = sub.add_parser("pipal-mos", help="PIPAL MOS normalised to [-2, 2], best -> -2 (SPEC section 8)")
+    p = sub.add_parser("pipal-mos", help="PIPAL MOS normalised to [-2, 2], best -> -2 (fit_gamma's target)")
     p.add_argument("--mos-dir", required=True, help="folder of MOS *.txt lists")
     p.add_argument("--out", help="MOS list to write (default: print dis,ref,mos lines)")
     p.set_defaults(func=_cmd_pipal_mos)
+    from . import csvdataset  # imports this module: only once it is fully defined
+
+    p = sub.add_parser("from-csv", help="make a dataset in the traditional layout from a CSV of dis,ref,mos rows")
+    csvdataset.add_arguments(p)
+    p.set_defaults(func=csvdataset.run)
     args = parser.parse_args(argv)
     args.func(args)
     return 0

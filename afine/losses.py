@@ -1,6 +1,9 @@
-"""Learning-to-rank losses (SPEC section 7): Thurstone Case V preference and the fidelity loss.
+"""Learning-to-rank losses of A-FINE's training: Thurstone Case V preference and the fidelity loss.
 
 Scores are lower-is-better; labels g are 1 (first better), 0 (second better) or 0.5 (same).
+P(x1 better than x2) = Phi((u2 - u1) / sqrt(2)); L(p, g) = 1 - (sqrt(p g + 1e-8) + sqrt((1 - p)(1 - g) + 1e-8)).
+
+Self-contained (imports only torch): copy this file alone into another project.
 """
 
 from __future__ import annotations

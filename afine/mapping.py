@@ -1,4 +1,13 @@
-"""A-FINE's non-linear mappings, the adaptive combination and the final 0..100 scale (SPEC sections 1, 6)."""
+"""A-FINE's non-linear mappings, the adaptive combination and the final 0..100 scale.
+
+    D(dis, ref) = F(dis, ref) + exp(k (N(ref) - N(dis))) N(dis),   k = softplus(adapter k)
+    D_scaled    = 100 / (1 + exp(-(D + 1.9710) / 2.3734))
+
+N and F are the raw head outputs mapped into (-2, 2) by `logistic`. Lower is better for every term.
+See the README, "What A-FINE computes".
+
+Self-contained (imports only torch): copy this file alone into another project.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Published final scale (SPEC section 1): D_scaled = 100 / (1 + exp(-(D - SCALE_CENTER) / SCALE_WIDTH)).
+# Published final scale: D_scaled = 100 / (1 + exp(-(D - SCALE_CENTER) / SCALE_WIDTH)).
 SCALE_CENTER = -1.9710
 SCALE_WIDTH = 2.3734
-# Published NR-mapping start from fit_gamma (SPEC section 8).
+# Published start of the NR mapping, fitted on PIPAL's training MOS (README, "Fit the NR mapping").
 NR_YITA3, NR_YITA4 = 4.9592, 21.5968
 
 

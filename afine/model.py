@@ -1,4 +1,4 @@
-"""The A-FINE model: CLIP image tower + naturalness and fidelity heads + mappings + adapter (SPEC sections 1-6).
+"""The A-FINE model: CLIP image tower + naturalness and fidelity heads + mappings + adapter (see the README).
 
     D(dis, ref) = F(dis, ref) + exp(k (N(ref) - N(dis))) N(dis),   lower is better.
 """

@@ -1,7 +1,11 @@
-"""Naturalness head (SPEC section 4; released key `natural`, official name AFINEQhead).
+"""Naturalness head of A-FINE (released key `natural`, official name AFINEQhead): the no-reference term N.
 
-A no-reference term: statistics of the pixels and of every CLIP block, pooled over tokens,
-regressed to one score per image. Lower is better.
+Thirteen levels describe an image: level 0 is its pixels, levels 1..12 are the ReLU'd patch tokens of the
+CLIP blocks. Each level is pooled over tokens to its per-channel mean and (population) variance; levels
+1..12 are projected by `proj_feat` (2W -> 128), and `proj_head` (Linear, GELU, Linear) regresses the
+concatenation to one raw score per image. Lower is better. See the README, "What A-FINE computes".
+
+Self-contained (imports only torch): copy this file alone into another project.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .image import CLIP_MEAN, CLIP_STD
+# CLIP's per-channel input normalisation; the head undoes it to pool statistics of the pixel values.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def token_statistics(tokens: torch.Tensor) -> torch.Tensor:
@@ -24,6 +30,8 @@ def pixel_tokens(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
 
 
 class NaturalnessHead(nn.Module):
+    """Raw naturalness N of CLIP-normalised images and their CLIP block outputs (width W, `layers` blocks)."""
+
     def __init__(self, width: int = 768, layers: int = 12, feat_dim: int = 128, hidden: int = 768):
         super().__init__()
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))

@@ -1,4 +1,4 @@
-"""Cosine annealing with warm restarts (SPEC section 7), as a pure function of the step.
+"""Cosine annealing with warm restarts (A-FINE's training schedule), as a pure function of the step.
 
 Step s = 1, 2, ... counts optimiser updates. Period i covers steps start_i < s <= start_i + period_i,
 start_i = sum(periods[:i]); inside it

@@ -2,11 +2,16 @@
 
     python -m afine score --clip ViT-B-32.pt --weights afine.pth dis.png ref.png
     python -m afine score --clip ViT-B-32.pt --weights afine.pth --pairs pairs.txt --json > scores.jsonl
+    python -m afine score --clip ViT-B-32.pt --weights afine.pth results/ references/ --csv scores.csv
+
+Folders are paired by file name (afine/folders.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .atomic import write_text
 from .errors import AfineError
+from .folders import image_pairs
 from .image import image_size, load_image
 from .model import AFINE, TERMS, load_afine
 
@@ -107,8 +114,33 @@ def format_table(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]
     return "\n".join(lines)
 
 
+def mean_row(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> str:
+    """The table's last row: the mean of every term, aligned with format_table's columns."""
+    wd = max([3] + [len(str(d)) for d, _ in pairs])
+    wr = max([3] + [len(str(r)) for _, r in pairs])
+    means = [sum(res[t] for res in results) / len(results) for t in TERMS]
+    return f"{'mean':<{wd}}  {f'({len(results)} pairs)':<{wr}}  " + "  ".join(f"{m:>15.6f}" for m in means)
+
+
+def write_csv(path: str | Path, pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
+    """A spreadsheet of the scores: a header `dis,ref,<terms>` and one row per pair, in input order."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["dis", "ref", *TERMS])
+    writer.writerows([str(d), str(r), *(repr(res[t]) for t in TERMS)] for (d, r), res in zip(pairs, results))
+    try:
+        write_text(path, text.getvalue())
+    except OSError as e:
+        raise AfineError(f"{path}: cannot write CSV ({e.strerror or e})") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="*", metavar="DIS REF", help="one test image and its reference")
+    parser.add_argument("images", nargs="*", metavar="DIS REF",
+                        help="a test image and its reference; or a folder of test images and a folder of references "
+                             "(paired by file name, or by stem with any image suffix) or one reference image")
+    parser.add_argument("--skip-unpaired", action="store_true",
+                        help="with folders: skip images without a partner (listed in a warning) instead of failing")
+    parser.add_argument("--csv", metavar="FILE", help="also write the scores to this CSV file")
     parser.add_argument("--pairs", help="file of 'dis,ref' lines (paths relative to the file's folder)")
     parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file)")
     parser.add_argument("--weights", required=True, help="A-FINE weights: afine.pth or a folder of net_*.pth files")
@@ -122,12 +154,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.pairs and args.images:
         raise AfineError("give either DIS REF or --pairs FILE, not both")
+    if args.pairs and args.skip_unpaired:
+        raise AfineError("--skip-unpaired applies to folders (DIS_DIR REF_DIR), not to --pairs")
     if args.pairs:
         pairs = read_pairs(args.pairs)
     elif len(args.images) == 2:
-        pairs = [(Path(args.images[0]), Path(args.images[1]))]
+        pairs = image_pairs(*args.images, skip_unpaired=args.skip_unpaired)
     else:
-        raise AfineError("give one DIS REF pair or --pairs FILE")
+        raise AfineError("give DIS REF (images, or folders paired by name) or --pairs FILE")
+    if args.csv and Path(args.csv).is_dir():
+        raise AfineError(f"{args.csv}: --csv names a folder, expected a file")
     if args.batch_size < 1:
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
@@ -142,4 +178,8 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(json.dumps({"dis": str(d), "ref": str(r), **res}) for (d, r), res in zip(pairs, results)))
     else:
         print(format_table(pairs, results))
+        if len(results) > 1:
+            print(mean_row(pairs, results))
+    if args.csv:
+        write_csv(args.csv, pairs, results)
     return 0

@@ -1,4 +1,4 @@
-"""Synthetic IQA corpus: small look-alikes of A-FINE's five datasets in their official layouts (SPEC section 10).
+"""Synthetic IQA corpus: small look-alikes of A-FINE's five datasets in their official layouts (README).
 
 The real KADID-10k, PIPAL, TID2013, DiffIQA and SRIQA-Bench are large downloads. This module writes
 stand-ins with the same folders, file names and label files, so training, fit_gamma and 2AFC evaluation

@@ -1,0 +1,160 @@
+"""`python -m afine score DIS_DIR REF_DIR`: pairing by name, the same scores as --pairs, mean row, CSV, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from afine.__main__ import main
+from afine.image import load_image
+from afine.model import TERMS, load_afine
+from tests.tiny import random_afine, tiny_clip, write_checkpoints
+
+
+def save(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return write_checkpoints(tmp_path_factory.mktemp("ckpt"), random_afine(tiny_clip(seed=7)))["afine"]
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """results/ and references/: a.png <-> a.png, b.jpg <-> b.png (stem), c.png <-> c.png, plus ignored files."""
+    rng = np.random.default_rng(1)
+    for name in ("a", "b", "c"):
+        base = rng.integers(0, 256, (40, 48, 3)).astype(np.float64)
+        save(tmp_path / "references" / f"{name}.png", base)
+        suffix = ".jpg" if name == "b" else ".png"
+        save(tmp_path / "results" / f"{name}{suffix}", base + rng.normal(0, 25, base.shape))
+    (tmp_path / "results" / "notes.txt").write_text("not an image")
+    save(tmp_path / "results" / ".hidden.png", np.zeros((8, 8, 3)))
+    (tmp_path / "results" / "sub").mkdir()
+    return tmp_path / "results", tmp_path / "references"
+
+
+def score(capsys, weights, *args):
+    code = main(["score", "--weights", str(weights), *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_folders_give_the_pairs_file_scores_paired_by_name_and_stem(weights, folders, capsys, tmp_path):
+    dis, ref = folders
+    code, out, err = score(capsys, weights, dis, ref, "--json", "--batch-size", "2")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(Path(r["dis"]).name, Path(r["ref"]).name) for r in rows] == [("a.png", "a.png"), ("b.jpg", "b.png"),
+                                                                          ("c.png", "c.png")]
+    (tmp_path / "pairs.txt").write_text("results/a.png,references/a.png\nresults/b.jpg,references/b.png\n"
+                                        "results/c.png,references/c.png\n")
+    code, out, _ = score(capsys, weights, "--pairs", tmp_path / "pairs.txt", "--json", "--no-progress",
+                         "--batch-size", "2")
+    assert code == 0
+    for folder_row, pairs_row in zip(rows, (json.loads(line) for line in out.splitlines())):  # same batches
+        assert folder_row == pairs_row
+    assert "3/3" in err  # the progress bar, on stderr
+
+
+def test_table_ends_with_the_mean_of_every_term_and_csv_holds_the_rows(weights, folders, capsys, tmp_path):
+    dis, ref = folders
+    code, out, _ = score(capsys, weights, dis, ref, "--json", "--no-progress")
+    rows = [json.loads(line) for line in out.splitlines()]
+    code, out, err = score(capsys, weights, dis, ref, "--no-progress", "--csv", tmp_path / "out" / "scores.csv")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 5 and lines[0].split() == ["dis", "ref", *TERMS]
+    mean = lines[-1].split()
+    assert mean[:3] == ["mean", "(3", "pairs)"]
+    for term, value in zip(TERMS, mean[3:]):
+        assert float(value) == pytest.approx(np.mean([r[term] for r in rows]), abs=1e-6)
+    with open(tmp_path / "out" / "scores.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["dis"], r["ref"]) for r in table] == [(r["dis"], r["ref"]) for r in rows]
+    for csv_row, json_row in zip(table, rows):
+        assert [float(csv_row[t]) for t in TERMS] == [json_row[t] for t in TERMS]
+
+
+def test_one_reference_image_against_a_folder(weights, folders, capsys):
+    dis, ref = folders
+    code, out, err = score(capsys, weights, dis, ref / "a.png", "--json", "--no-progress")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [Path(r["ref"]).name for r in rows] == ["a.png"] * 3
+    model = load_afine(None, weights)
+    images = torch.stack([load_image(dis / n) for n in ("a.png", "b.jpg", "c.png")])
+    with torch.no_grad():
+        direct = model(images, load_image(ref / "a.png")[None])
+    for i, row in enumerate(rows):
+        assert row["afine_all"] == pytest.approx(direct["afine_all"][i].item(), abs=1e-5)
+
+
+def test_unpaired_images_are_listed_or_skipped_with_a_warning(weights, folders, capsys):
+    dis, ref = folders
+    save(dis / "lonely.png", np.zeros((40, 48, 3)))
+    save(ref / "orphan.bmp", np.zeros((40, 48, 3)))
+    code, out, err = score(capsys, weights, dis, ref, "--no-progress")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: 2 image(s) without a partner") and "lonely.png" in err and "orphan.bmp" in err
+    assert "--skip-unpaired" in err
+    code, out, err = score(capsys, weights, dis, ref, "--no-progress", "--skip-unpaired", "--json")
+    assert code == 0
+    assert [Path(json.loads(line)["dis"]).name for line in out.splitlines()] == ["a.png", "b.jpg", "c.png"]
+    assert err.startswith("warning: skipped 2 image(s)") and "lonely.png" in err and "orphan.bmp" in err
+
+
+def test_exact_name_wins_over_stem_and_two_stems_are_ambiguous(weights, folders, capsys):
+    dis, ref = folders
+    save(ref / "a.jpg", np.zeros((40, 48, 3)))  # a.png still pairs with a.png by name
+    save(ref / "c.bmp", np.zeros((40, 48, 3)))
+    save(ref / "c.tif", np.zeros((40, 48, 3)))
+    (dis / "c.png").rename(dis / "c.jpg")  # c.jpg: c.png, c.bmp, c.tif share its stem
+    code, _, err = score(capsys, weights, dis, ref, "--no-progress")
+    assert code == 2 and "c.jpg (several references: c.bmp, c.png, c.tif)" in err
+    assert "a.jpg (no test image a.* in" in err and "a.png (no" not in err
+
+
+@pytest.mark.parametrize("case, culprit", [
+    ("empty_folder", "empty: no images in folder"),
+    ("image_and_folder", "needs a folder of test images"),
+    ("missing_reference", "nowhere: reference folder or image not found"),
+    ("size_mismatch", "b.jpg: size 20x24 differs from reference"),
+    ("skip_with_pairs", "--skip-unpaired applies to folders"),
+    ("csv_is_folder", "--csv names a folder"),
+    ("nothing_paired", "no test image has a reference in"),
+])
+def test_folder_errors_one_line_exit_2(weights, folders, capsys, tmp_path, case, culprit):
+    dis, ref = folders
+    args = [dis, ref]
+    if case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        args = [tmp_path / "empty", ref]
+    elif case == "image_and_folder":
+        args = [dis / "a.png", ref]
+    elif case == "missing_reference":
+        args = [dis, tmp_path / "nowhere"]
+    elif case == "size_mismatch":
+        save(dis / "b.jpg", np.zeros((24, 20, 3)))
+    elif case == "skip_with_pairs":
+        (tmp_path / "pairs.txt").write_text("results/a.png,references/a.png\n")
+        args = ["--pairs", tmp_path / "pairs.txt", "--skip-unpaired"]
+    elif case == "csv_is_folder":
+        args += ["--csv", tmp_path]
+    elif case == "nothing_paired":
+        (tmp_path / "other").mkdir()
+        save(tmp_path / "other" / "z.png", np.zeros((40, 48, 3)))
+        args = [dis, tmp_path / "other", "--skip-unpaired"]
+    code, out, err = score(capsys, weights, "--no-progress", *args)
+    assert code == 2 and out == ""
+    error = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert len(error) == 1 and error[0].startswith("error: ") and culprit in error[0], err
