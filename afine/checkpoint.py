@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write
-from .clip import ARCHIVE_SCALARS, CLIP, read_clip_state_dict
+from .clip import ARCHIVE_SCALARS, CLIP
 from .errors import AfineError
+from .torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 # Parts of the merged file, in the official order, and the per-network file holding each.
 PART_FILES = {
@@ -32,14 +33,26 @@ def atomic_save(obj, path: str | Path) -> None:
 
 
 def torch_load(path: str | Path):
-    """torch.load on CPU with weights_only, turning a missing or unreadable file into an AfineError."""
+    """torch.load on CPU with weights_only (tensors and plain containers only: nothing in the file is run).
+
+    A missing or unreadable file is an AfineError naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise AfineError(f"{path}: file not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
-        raise AfineError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+        raise AfineError(f"{path}: cannot read checkpoint ({load_error_reason(e)})") from None
+
+
+def load_error_reason(error: Exception) -> str:
+    """torch.load's failure as one line, without its advice to retry with weights_only off (that runs the file)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and not line.startswith("Weights only load failed")]
+    if useful:
+        return useful[0]
+    return "it holds more than tensors and plain containers" if lines else type(error).__name__
 
 
 def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -150,14 +163,21 @@ def save_afine(path: str | Path, parts: dict[str, nn.Module | dict]) -> None:
 
 
 def read_clip_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A CLIP state dict from OpenAI's TorchScript archive or a plain state-dict file."""
+    """A CLIP state dict from OpenAI's TorchScript archive or a plain state-dict file (`clip_model.pth`).
+
+    Neither is ever run: archives go through the restricted reader of afine/torchscript.py, plain files through
+    torch.load with weights_only. Archive metadata entries (input_resolution, ...) are dropped.
+    """
     path = Path(path)
     if not path.is_file():
         raise AfineError(f"{path}: CLIP checkpoint not found")
-    try:
-        return strip_module_prefix(read_clip_state_dict(path))
-    except Exception as e:  # noqa: BLE001 - any failure to read means a bad file
-        raise AfineError(f"{path}: cannot read CLIP checkpoint ({str(e).splitlines()[0]})") from None
+    state_dict = read_torchscript_state_dict(path) if is_torchscript_archive(path) else torch_load(path)
+    if isinstance(state_dict, dict):
+        state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALARS}
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise AfineError(f"{path}: not a CLIP checkpoint (expected a state dict of tensors, "
+                         f"found {type(state_dict).__name__})")
+    return strip_module_prefix(state_dict)
 
 
 def build_clip(state_dict: dict[str, torch.Tensor], source: str) -> CLIP:
