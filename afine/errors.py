@@ -34,3 +34,8 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
             return 2
 
     return run
+
+
+def warn(message: str) -> None:
+    """A one-line 'warning: <message>' on stderr (for what is suspicious but not wrong)."""
+    print(f"warning: {message}", file=sys.stderr)

@@ -165,7 +165,7 @@ class ImageBatches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.stack([load_image(p) for p in self.batches[i]])
+        return torch.stack([load_image(p, warn_size=False) for p in self.batches[i]])  # plan() checked sizes
 
 
 def loader(batches: list[list[Path]], workers: int, device: torch.device) -> torch.utils.data.DataLoader:
