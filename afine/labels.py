@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
+from .atomic import check_writable, write_text
 from .errors import AfineError, command
 
 LABELS = (0.0, 0.5, 1.0)
@@ -288,6 +288,7 @@ def lowercase_tid2013(root: str | Path) -> dict[str, int]:
 
 
 def _cmd_nlogn(args: argparse.Namespace) -> None:
+    check_writable(args.out)
     records = read_mos_folder(args.mos_dir)
     triplets = nlogn_triplets(records, args.seed)
     write_triplets(args.out, triplets)
@@ -301,6 +302,8 @@ def _cmd_lowercase(args: argparse.Namespace) -> None:
 
 
 def _cmd_pipal_mos(args: argparse.Namespace) -> None:
+    if args.out:
+        check_writable(args.out)
     records = read_mos_folder(args.mos_dir)
     y = normalise_pipal_mos(np.array([r.mos for r in records]))
     normalised = [MOSRecord(r.dis, r.ref, float(v)) for r, v in zip(records, y)]

@@ -263,3 +263,27 @@ def test_torchrun_two_ranks_equals_one_process(corpus, tmp_path):
     for name in a:
         assert (a[name]["correct"], a[name]["pairs"]) == (b[name]["correct"], b[name]["pairs"])
     assert two.stdout.count("kadid10k") == 1  # only rank 0 prints
+
+
+def test_unwritable_json_fails_before_the_work_and_results_print_before_writing(hand, capsys, tmp_path,
+                                                                                monkeypatch):
+    import evaluate
+
+    run, data, _ = hand
+    (tmp_path / "file").write_text("")
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+        for target in (tmp_path / "file" / "r.json", tmp_path):  # under a file; a folder
+            code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", data, "--weights", run,
+                                     "--stage", "1", "--json", target)
+            assert code == 2 and out == "" and err.startswith(f"error: {target}: cannot write")
+            assert err.count("\n") == 1
+
+    def full(path, obj):
+        raise evaluate.AfineError(f"{path}: cannot write (no space left on device)")
+
+    monkeypatch.setattr(evaluate, "write_json", full)  # the disk fills up after the check: results still shown
+    code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", data, "--weights", run, "--stage", "1",
+                             "--json", tmp_path / "r.json")
+    assert code == 2 and "no space left on device" in err
+    assert out.splitlines()[1].split()[:4] == ["kadid10k", "7", "4", "0.5714"]

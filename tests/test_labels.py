@@ -278,3 +278,12 @@ def test_cli_lowercase_missing_root(tmp_path, capsys):
     assert main(["lowercase-tid2013", str(tmp_path / "TID2013")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+
+
+def test_cli_unwritable_out_fails_before_reading(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "T.txt"
+    for argv in (["nlogn", "--out", str(out)], ["pipal-mos", "--out", str(out)]):
+        assert main([*argv, "--mos-dir", str(tmp_path / "missing")]) == 2  # the output is checked first
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: {out}: cannot write") and captured.err.count("\n") == 1
