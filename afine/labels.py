@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import check_writable, write_text
-from .errors import AfineError, command
+from .errors import AfineError, command, warn
 
 LABELS = (0.0, 0.5, 1.0)
 SPLITS = ("Train", "Validation", "Test")
@@ -70,6 +70,25 @@ def _lines(path: str | Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
+_warned_duplicates: set[Path] = set()
+
+
+def _warn_duplicates(path: Path, numbered: list[tuple[int, object]]) -> None:
+    """Warn (once per file) when a label file repeats an identical entry: a repeated pair counts twice."""
+    first: dict[object, int] = {}
+    repeats = []
+    for line, entry in numbered:
+        if entry in first:
+            repeats.append((first[entry], line))
+        else:
+            first[entry] = line
+    if repeats and path not in _warned_duplicates:
+        _warned_duplicates.add(path)
+        n = len(repeats) - 1
+        more = f" ({n} more repeat{'s' if n > 1 else ''})" if n else ""
+        warn(f"{path}: lines {repeats[0][0]} and {repeats[0][1]} hold the same entry{more}")
+
+
 def _number(path: Path, line: int, what: str, text: str) -> float:
     try:
         value = float(text)
@@ -97,6 +116,7 @@ def read_mos(path: str | Path) -> list[MOSRecord]:
     """Read a MOS list: 'dis,ref,mos' lines (PIPAL, TID2013) or 'dis,ref,mos,var' lines (KADID-10k)."""
     path = Path(path)
     records = []
+    numbers = []
     for line, fields in _lines(path):
         if len(fields) not in (3, 4):
             raise AfineError(f"{path}:{line}: expected 3 or 4 columns (dis,ref,mos[,var]), got {len(fields)}")
@@ -105,6 +125,8 @@ def read_mos(path: str | Path) -> list[MOSRecord]:
         mos = _number(path, line, "MOS", fields[2])
         var = _number(path, line, "variance", fields[3]) if len(fields) == 4 else None
         records.append(MOSRecord(dis, ref, mos, var))
+        numbers.append(line)
+    _warn_duplicates(path, list(zip(numbers, records)))
     return records
 
 
@@ -130,6 +152,7 @@ def read_triplets_numbered(path: str | Path) -> list[tuple[int, Triplet]]:
         x1, x2, y = (_name(path, line, what, f) for what, f in zip(("x1", "x2", "y"), fields[:3]))
         g = [_label(path, line, what, f) for what, f in zip(("g12", "g1y", "g2y"), fields[3:])]
         triplets.append((line, Triplet(x1, x2, y, *g)))
+    _warn_duplicates(path, triplets)
     return triplets
 
 
@@ -141,13 +164,15 @@ def read_triplets(path: str | Path) -> list[Triplet]:
 def read_sriqa_mos(path: str | Path) -> list[tuple[str, float]]:
     """Read an SRIQA-Bench MOS file: 'name,score' or 'name score' lines (0..100, higher is better)."""
     path = Path(path)
-    scores = []
+    scores, numbers = [], []
     for line, fields in _lines(path):
         if len(fields) == 1:  # no comma: whitespace-separated
             fields = fields[0].split()
         if len(fields) != 2:
             raise AfineError(f"{path}:{line}: expected 'name,score' or 'name score', got {len(fields)} fields")
         scores.append((_name(path, line, "image", fields[0]), _number(path, line, "score", fields[1])))
+        numbers.append(line)
+    _warn_duplicates(path, list(zip(numbers, scores)))
     return scores
 
 
