@@ -40,6 +40,8 @@ def torch_load(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise AfineError(f"{path}: file not found")
+    if is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load
+        raise AfineError(f"{path}: a TorchScript archive, expected a plain torch.save file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
@@ -114,7 +116,7 @@ def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor
         for part, name in PART_FILES.items():
             file = path / name
             if file.is_file():
-                state = read_network_file(file) if part != "finetuned_clip" else read_clip_file(file)
+                state = read_network_file(file) if part != "finetuned_clip" else read_clip_file(file, plain=True)
                 parts[part], sources[part] = state, str(file)
         for earlier in earlier_runs(path):  # a stage-2/3 run folder takes the frozen parts from its earlier stages
             more, more_sources = read_afine_parts(earlier)
@@ -162,16 +164,18 @@ def save_afine(path: str | Path, parts: dict[str, nn.Module | dict]) -> None:
     atomic_save({p: state_dict_for_saving(parts[p]) for p in PART_FILES}, path)
 
 
-def read_clip_file(path: str | Path) -> dict[str, torch.Tensor]:
+def read_clip_file(path: str | Path, plain: bool = False) -> dict[str, torch.Tensor]:
     """A CLIP state dict from OpenAI's TorchScript archive or a plain state-dict file (`clip_model.pth`).
 
     Neither is ever run: archives go through the restricted reader of afine/torchscript.py, plain files through
-    torch.load with weights_only. Archive metadata entries (input_resolution, ...) are dropped.
+    torch.load with weights_only; `plain=True` (a run folder's clip_model.pth) accepts only the latter.
+    Archive metadata entries (input_resolution, ...) are dropped.
     """
     path = Path(path)
     if not path.is_file():
         raise AfineError(f"{path}: CLIP checkpoint not found")
-    state_dict = read_torchscript_state_dict(path) if is_torchscript_archive(path) else torch_load(path)
+    archive = not plain and is_torchscript_archive(path)
+    state_dict = read_torchscript_state_dict(path) if archive else torch_load(path)
     if isinstance(state_dict, dict):
         state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALARS}
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):

@@ -146,3 +146,12 @@ def test_clip_reader_rejects_non_state_dicts(tmp_path):
     with pytest.raises(AfineError, match="not a CLIP checkpoint"):
         read_clip_file(path)
 
+
+
+def test_run_folder_clip_must_be_a_plain_state_dict(checkpoints, tmp_path):
+    """A run folder's clip_model.pth is read with torch.load(weights_only=True) only, never as an archive."""
+    folder = tmp_path / "run"
+    shutil.copytree(checkpoints["heads"], folder)
+    shutil.copy(checkpoints["clip_ts"], folder / "clip_model.pth")
+    with pytest.raises(AfineError, match=r"clip_model\.pth: a TorchScript archive, expected a plain torch.save file"):
+        read_afine_parts(folder)
