@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from afine.atomic import write_json
+from afine.atomic import check_writable, write_json
 from afine.benchmarks import Indexes, dataset_of, load_benchmark, missing_folder, parse_benchmarks
 from afine.errors import AfineError, ArgumentParser, command
 from afine.evaluation import (
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         check_model_arguments(args)
+        if args.json:
+            check_writable(args.json)  # before the work, not after it
         names = parse_benchmarks(args.bench, args.data_root)
         all_named = "all" in [n.strip().lower() for n in args.bench.split(",")]
         skipped = {n: f"no folder {missing_folder(args.data_root, n)}" for n in names
@@ -158,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                            workers=args.workers, progress=not args.no_progress)
         rank, _ = world()
         if rank == 0:
+            print(table(names, results, skipped))  # results on stdout first, whatever happens to the file
             if args.json:
                 write_json(args.json, results)
-            print(table(names, results, skipped))
             distinct = len({p for b in benches for it in b.items() for p in (it if args.stage != 1 else it[:1])})
             print(f"stage {args.stage}: {distinct} distinct images, {cache.encoded} CLIP passes, "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import optimize
 from scipy.special import expit
 
-from afine.atomic import write_json
+from afine.atomic import check_writable, write_json
 from afine.benchmarks import Indexes, sriqa_scene
 from afine.datasets import ImageIndex, dataset_dir, images_dir, sriqa_mos_files
 from afine.errors import AfineError, ArgumentParser, command
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         check_model_arguments(args)
+        check_writable(args.out)  # before the work, not after it
         stage, data, e1, e2, names = MODES[args.mode]
         items, y = data(args.data_root)
         device = pick_device(args.device, init_distributed(args.device))
@@ -114,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                         progress=not args.no_progress, desc=args.mode)
         g3, g4, rmse = fit_logistic(x, y, e1, e2)
         if world()[0] == 0:
+            print(f"{names[0]} {g3:.6f}\n{names[1]} {g4:.6f}\nimages {len(items)}  rmse {rmse:.6f}  -> {args.out}")
             write_json(args.out, {names[0]: g3, names[1]: g4, "images": len(items), "rmse": rmse,
                                   "weights": str(args.weights)})
-            print(f"{names[0]} {g3:.6f}\n{names[1]} {g4:.6f}\nimages {len(items)}  rmse {rmse:.6f}  -> {args.out}")
     finally:
         close_distributed()
     return 0

@@ -1,10 +1,13 @@
 """Atomic file writes: a temp file in the same folder, fsync, then rename over the target.
 
-A crash or kill leaves either the old file or the new one, never a half-written file.
+A crash or kill leaves either the old file or the new one, never a half-written file. A failed write (disk
+full, no permission, read-only folder, target is a folder) is a one-line AfineError naming the file; the old
+file stays as it was and no temp file is left behind. `check_writable` tells before long work starts.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -12,20 +15,79 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import AfineError
+
+
+def reason(error: OSError) -> str:
+    """An OSError's cause in words, e.g. 'no space left on device'."""
+    if error.errno == errno.EISDIR:
+        return "it is a folder"
+    text = error.strerror or str(error) or type(error).__name__
+    return text[:1].lower() + text[1:]
+
+
+def current_umask() -> int:
+    """The process umask (from /proc where available, which leaves it untouched)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path: str | Path) -> None:
+    """AfineError naming `path` unless atomic_write could write it: call it before long work, not after.
+
+    The path must not be a folder; its nearest existing ancestor must be a folder (missing ones are created
+    by the write) where a file can be created, tried with a probe file that is removed at once.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise AfineError(f"{path}: cannot write, it is a folder")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise AfineError(f"{path}: cannot write, {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AfineError(f"{path}: cannot write ({reason(e)})") from None
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(f)` on a binary temp file beside `path`, fsync it, and rename it to `path`."""
+    """Call `write(f)` on a binary temp file beside `path`, fsync it, and rename it to `path`.
+
+    The file gets the usual mode for new files, 0666 less the process umask.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise AfineError(f"{path}: cannot write, it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise AfineError(f"{path}: cannot write ({reason(e)})") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            Path(tmp).unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise AfineError(f"{path}: cannot write ({reason(e)})") from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)

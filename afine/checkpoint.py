@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write
-from .clip import ARCHIVE_SCALARS, CLIP, read_clip_state_dict
+from .clip import ARCHIVE_SCALARS, CLIP
 from .errors import AfineError
+from .torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 # Parts of the merged file, in the official order, and the per-network file holding each.
 PART_FILES = {
@@ -33,14 +34,28 @@ def atomic_save(obj, path: str | Path) -> None:
 
 
 def torch_load(path: str | Path):
-    """torch.load on CPU with weights_only, turning a missing or unreadable file into an AfineError."""
+    """torch.load on CPU with weights_only (tensors and plain containers only: nothing in the file is run).
+
+    A missing or unreadable file is an AfineError naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise AfineError(f"{path}: file not found")
+    if is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load
+        raise AfineError(f"{path}: a TorchScript archive, expected a plain torch.save file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
-        raise AfineError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+        raise AfineError(f"{path}: cannot read checkpoint ({load_error_reason(e)})") from None
+
+
+def load_error_reason(error: Exception) -> str:
+    """torch.load's failure as one line, without its advice to retry with weights_only off (that runs the file)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and not line.startswith("Weights only load failed")]
+    if useful:
+        return useful[0]
+    return "it holds more than tensors and plain containers" if lines else type(error).__name__
 
 
 def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,7 +117,7 @@ def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor
         for part, name in PART_FILES.items():
             file = path / name
             if file.is_file():
-                state = read_network_file(file) if part != "finetuned_clip" else read_clip_file(file)
+                state = read_network_file(file) if part != "finetuned_clip" else read_clip_file(file, plain=True)
                 parts[part], sources[part] = state, str(file)
         check_built_on(path)
         for earlier in earlier_runs(path):  # a stage-2/3 run folder takes the frozen parts from its earlier stages
@@ -176,15 +191,24 @@ def save_afine(path: str | Path, parts: dict[str, nn.Module | dict]) -> None:
     atomic_save({p: state_dict_for_saving(parts[p]) for p in PART_FILES}, path)
 
 
-def read_clip_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A CLIP state dict from OpenAI's TorchScript archive or a plain state-dict file."""
+def read_clip_file(path: str | Path, plain: bool = False) -> dict[str, torch.Tensor]:
+    """A CLIP state dict from OpenAI's TorchScript archive or a plain state-dict file (`clip_model.pth`).
+
+    Neither is ever run: archives go through the restricted reader of afine/torchscript.py, plain files through
+    torch.load with weights_only; `plain=True` (a run folder's clip_model.pth) accepts only the latter.
+    Archive metadata entries (input_resolution, ...) are dropped.
+    """
     path = Path(path)
     if not path.is_file():
         raise AfineError(f"{path}: CLIP checkpoint not found")
-    try:
-        return strip_module_prefix(read_clip_state_dict(path))
-    except Exception as e:  # noqa: BLE001 - any failure to read means a bad file
-        raise AfineError(f"{path}: cannot read CLIP checkpoint ({str(e).splitlines()[0]})") from None
+    archive = not plain and is_torchscript_archive(path)
+    state_dict = read_torchscript_state_dict(path) if archive else torch_load(path)
+    if isinstance(state_dict, dict):
+        state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALARS}
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise AfineError(f"{path}: not a CLIP checkpoint (expected a state dict of tensors, "
+                         f"found {type(state_dict).__name__})")
+    return strip_module_prefix(state_dict)
 
 
 # `clip: "random-tiny"` in stage 1: a small random CLIP in OpenAI's layout (demo and tests; no download).

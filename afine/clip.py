@@ -8,8 +8,6 @@ parameters are held under their OpenAI names, so a full CLIP state dict loads wi
 
 from __future__ import annotations
 
-import warnings
-import zipfile
 from collections import OrderedDict
 
 import torch
@@ -183,29 +181,3 @@ class CLIP(nn.Module):
         model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
         return model
 
-
-def is_torchscript_archive(path) -> bool:
-    """OpenAI's released `ViT-B-32.pt` is a TorchScript archive (zip holding compiled code)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
-    except zipfile.BadZipFile:
-        return False
-
-
-def read_clip_state_dict(path) -> dict[str, torch.Tensor]:
-    """A CLIP state dict from a TorchScript archive or a plain `torch.save(state_dict)` file."""
-    if is_torchscript_archive(path):
-        with warnings.catch_warnings():  # TorchScript is deprecated in recent torch; its archives still load
-            warnings.simplefilter("ignore", FutureWarning)
-            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
-    else:
-        state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"expected a state dict, found {type(state_dict).__name__}")
-    return {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALARS}
-
-
-def load_clip(path) -> CLIP:
-    """A float32 CLIP from OpenAI's TorchScript archive or a plain state-dict file."""
-    return CLIP.from_state_dict(read_clip_state_dict(path))

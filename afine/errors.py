@@ -36,12 +36,23 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
     return run
 
 
-def unwrap_worker_error(error: Exception) -> Exception:
-    """The AfineError a DataLoader worker raised, as one line again (torch re-raises it with the worker's
-    traceback in its message); any other exception unchanged."""
-    if isinstance(error, AfineError):
-        marker = "afine.errors.AfineError: "
-        text = str(error)
-        if "DataLoader worker" in text and marker in text:
-            return AfineError(text.rsplit(marker, 1)[1].strip())
-    return error
+def warn(message: str) -> None:
+    """A one-line 'warning: <message>' on stderr (for what is suspicious but not wrong)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+WORKER_PREFIX = "Caught AfineError in DataLoader worker process"
+ERROR_LINE = f"{AfineError.__module__}.{AfineError.__qualname__}: "
+
+
+def unwrap_worker_error(error: BaseException) -> BaseException:
+    """The one-line AfineError that a DataLoader worker raised, recovered from torch's multi-line re-raise.
+
+    torch re-raises a worker's exception in the main process with the worker's whole traceback as its
+    message, ending in 'afine.errors.AfineError: <message>'. Any other exception is returned unchanged.
+    """
+    text = str(error)
+    if not text.startswith(WORKER_PREFIX):
+        return error
+    last = text.rstrip().splitlines()[-1]
+    return AfineError(last[len(ERROR_LINE):]) if last.startswith(ERROR_LINE) else error

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import distributed
-from .errors import AfineError
+from .errors import AfineError, unwrap_worker_error
 from .image import image_size, load_image
 from .model import AFINE, HEADS
 
@@ -165,12 +165,25 @@ class ImageBatches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.stack([load_image(p) for p in self.batches[i]])
+        return torch.stack([load_image(p, warn_size=False) for p in self.batches[i]])  # plan() checked sizes
 
 
-def loader(batches: list[list[Path]], workers: int, device: torch.device) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(ImageBatches(batches), batch_size=None, shuffle=False, num_workers=workers,
+def loader(batches: list[list[Path]], workers: int, device: torch.device):
+    """The plan's decoded batches in order; a worker's AfineError (a bad image) surfaces as its one line."""
+    data = torch.utils.data.DataLoader(ImageBatches(batches), batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=False)
+    iterator = iter(data)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as e:
+            clean = unwrap_worker_error(e)
+            if clean is e:
+                raise
+            raise clean from None
+        yield batch
 
 
 def world() -> tuple[int, int]:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
-from .errors import AfineError, command
+from .atomic import check_writable, write_text
+from .errors import AfineError, command, warn
 
 LABELS = (0.0, 0.5, 1.0)
 SPLITS = ("Train", "Validation", "Test")
@@ -71,6 +71,25 @@ def _lines(path: str | Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
+_warned_duplicates: set[Path] = set()
+
+
+def _warn_duplicates(path: Path, numbered: list[tuple[int, object]]) -> None:
+    """Warn (once per file) when a label file repeats an identical entry: a repeated pair counts twice."""
+    first: dict[object, int] = {}
+    repeats = []
+    for line, entry in numbered:
+        if entry in first:
+            repeats.append((first[entry], line))
+        else:
+            first[entry] = line
+    if repeats and path not in _warned_duplicates:
+        _warned_duplicates.add(path)
+        n = len(repeats) - 1
+        more = f" ({n} more repeat{'s' if n > 1 else ''})" if n else ""
+        warn(f"{path}: lines {repeats[0][0]} and {repeats[0][1]} hold the same entry{more}")
+
+
 def _number(path: Path, line: int, what: str, text: str) -> float:
     try:
         value = float(text)
@@ -98,6 +117,7 @@ def read_mos(path: str | Path) -> list[MOSRecord]:
     """Read a MOS list: 'dis,ref,mos' lines (PIPAL, TID2013) or 'dis,ref,mos,var' lines (KADID-10k)."""
     path = Path(path)
     records = []
+    numbers = []
     for line, fields in _lines(path):
         if len(fields) not in (3, 4):
             raise AfineError(f"{path}:{line}: expected 3 or 4 columns (dis,ref,mos[,var]), got {len(fields)}")
@@ -106,6 +126,8 @@ def read_mos(path: str | Path) -> list[MOSRecord]:
         mos = _number(path, line, "MOS", fields[2])
         var = _number(path, line, "variance", fields[3]) if len(fields) == 4 else None
         records.append(MOSRecord(dis, ref, mos, var))
+        numbers.append(line)
+    _warn_duplicates(path, list(zip(numbers, records)))
     return records
 
 
@@ -131,6 +153,7 @@ def read_triplets_numbered(path: str | Path) -> list[tuple[int, Triplet]]:
         x1, x2, y = (_name(path, line, what, f) for what, f in zip(("x1", "x2", "y"), fields[:3]))
         g = [_label(path, line, what, f) for what, f in zip(("g12", "g1y", "g2y"), fields[3:])]
         triplets.append((line, Triplet(x1, x2, y, *g)))
+    _warn_duplicates(path, triplets)
     return triplets
 
 
@@ -142,13 +165,15 @@ def read_triplets(path: str | Path) -> list[Triplet]:
 def read_sriqa_mos(path: str | Path) -> list[tuple[str, float]]:
     """Read an SRIQA-Bench MOS file: 'name,score' or 'name score' lines (0..100, higher is better)."""
     path = Path(path)
-    scores = []
+    scores, numbers = [], []
     for line, fields in _lines(path):
         if len(fields) == 1:  # no comma: whitespace-separated
             fields = fields[0].split()
         if len(fields) != 2:
             raise AfineError(f"{path}:{line}: expected 'name,score' or 'name score', got {len(fields)} fields")
         scores.append((_name(path, line, "image", fields[0]), _number(path, line, "score", fields[1])))
+        numbers.append(line)
+    _warn_duplicates(path, list(zip(numbers, scores)))
     return scores
 
 
@@ -289,6 +314,7 @@ def lowercase_tid2013(root: str | Path) -> dict[str, int]:
 
 
 def _cmd_nlogn(args: argparse.Namespace) -> None:
+    check_writable(args.out)
     records = read_mos_folder(args.mos_dir)
     triplets = nlogn_triplets(records, args.seed)
     write_triplets(args.out, triplets)
@@ -302,6 +328,8 @@ def _cmd_lowercase(args: argparse.Namespace) -> None:
 
 
 def _cmd_pipal_mos(args: argparse.Namespace) -> None:
+    if args.out:
+        check_writable(args.out)
     records = read_mos_folder(args.mos_dir)
     y = normalise_pipal_mos(np.array([r.mos for r in records]))
     normalised = [MOSRecord(r.dis, r.ref, float(v)) for r, v in zip(records, y)]

@@ -13,6 +13,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,9 +32,11 @@ def read_pairs(file: str | Path) -> list[tuple[Path, Path]]:
     """Lines `dis,ref` (blank lines and `#` comments skipped); relative paths are relative to the file's folder."""
     file = Path(file)
     try:
-        lines = file.read_text().splitlines()
+        lines = file.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the first path
     except OSError as e:
         raise AfineError(f"{file}: cannot read pairs file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise AfineError(f"{file}: cannot read pairs file (not UTF-8 text: {e.reason} at byte {e.start})") from None
     pairs = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -102,6 +105,15 @@ def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 
                 results[i] = dict(zip(TERMS, row))
             bar.update(len(batch))
     return results
+
+
+def check_finite(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
+    """A NaN or infinite score (broken weights, overflow) is an error naming the pair, never printed as a score."""
+    for (dis, ref), res in zip(pairs, results):
+        bad = [t for t in TERMS if not math.isfinite(res[t])]
+        if bad:
+            raise AfineError(f"{dis}: non-finite score against reference {ref} ({bad[0]} = {res[bad[0]]}); "
+                             f"check the weights")
 
 
 def format_table(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> str:
@@ -174,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     check_pairs(pairs)  # fail on a bad image before loading a large model
     model = load_afine(args.clip, args.weights).to(device)
     results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress)
+    check_finite(pairs, results)
     if args.json:
         print("\n".join(json.dumps({"dis": str(d), "ref": str(r), **res}) for (d, r), res in zip(pairs, results)))
     else:

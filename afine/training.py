@@ -35,7 +35,7 @@ from .batches import shape_groups
 from .checkpoint import PART_FILES, atomic_save, load_strict, sha256
 from .datasets import ImageIndex, TripletDataset, collate_triplets, diffiqa_type_files, images_dir, resolve_triplets
 from .distributed import Dist
-from .errors import AfineError, unwrap_worker_error
+from .errors import AfineError, unwrap_worker_error, warn
 from .metrics import two_afc_accuracy
 from .schedule import cosine_restart_lr
 
@@ -339,10 +339,6 @@ def log(run: Run, record: dict) -> None:
     if run.log_file is not None:
         run.log_file.write(json.dumps({**record, "time": time.time()}) + "\n")
         run.log_file.flush()
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- validate, save

@@ -263,3 +263,57 @@ def test_torchrun_two_ranks_equals_one_process(corpus, tmp_path):
     for name in a:
         assert (a[name]["correct"], a[name]["pairs"]) == (b[name]["correct"], b[name]["pairs"])
     assert two.stdout.count("kadid10k") == 1  # only rank 0 prints
+
+
+def test_unwritable_json_fails_before_the_work_and_results_print_before_writing(hand, capsys, tmp_path,
+                                                                                monkeypatch):
+    import evaluate
+
+    run, data, _ = hand
+    (tmp_path / "file").write_text("")
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+        for target in (tmp_path / "file" / "r.json", tmp_path):  # under a file; a folder
+            code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", data, "--weights", run,
+                                     "--stage", "1", "--json", target)
+            assert code == 2 and out == "" and err.startswith(f"error: {target}: cannot write")
+            assert err.count("\n") == 1
+
+    def full(path, obj):
+        raise evaluate.AfineError(f"{path}: cannot write (no space left on device)")
+
+    monkeypatch.setattr(evaluate, "write_json", full)  # the disk fills up after the check: results still shown
+    code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", data, "--weights", run, "--stage", "1",
+                             "--json", tmp_path / "r.json")
+    assert code == 2 and "no space left on device" in err
+    assert out.splitlines()[1].split()[:4] == ["kadid10k", "7", "4", "0.5714"]
+
+
+def test_bad_image_in_a_loader_worker_is_one_error_line(hand, capsys, tmp_path):
+    """A file whose header reads but whose pixels do not fails inside a DataLoader worker: one line, as without."""
+    import shutil
+
+    run, data, _ = hand
+    copy = tmp_path / "data"
+    shutil.copytree(data / "KADID10K", copy / "KADID10K")
+    bad = copy / "KADID10K" / "images" / "I01_01_04.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:2000])  # truncated: the header is intact
+    for workers in ("1", "0"):
+        code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", copy, "--weights", run, "--stage", "1",
+                                 "--workers", workers)
+        assert code == 2 and out == ""
+        assert err.count("\n") == 1 and err.startswith(f"error: {bad}: cannot read image ("), err
+
+
+def test_unwrap_worker_error():
+    from afine.errors import AfineError, unwrap_worker_error
+
+    wrapped = AfineError("Caught AfineError in DataLoader worker process 3.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1, in f\n    g()\nafine.errors.AfineError: a.png: broken\n")
+    clean = unwrap_worker_error(wrapped)
+    assert isinstance(clean, AfineError) and str(clean) == "a.png: broken"
+    for unchanged in (AfineError("a.png: broken"), ValueError("x"),
+                      RuntimeError("Caught ValueError in DataLoader worker process 0.\nTraceback\nValueError: x")):
+        assert unwrap_worker_error(unchanged) is unchanged

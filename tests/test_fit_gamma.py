@@ -114,3 +114,16 @@ def test_missing_dataset_and_wrong_model_are_one_line_errors(corpus, tmp_path, c
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "missing" in err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_unwritable_out_fails_before_the_work(corpus, tmp_path, capsys, monkeypatch):
+    import fit_gamma
+
+    data, paths = corpus
+    monkeypatch.setattr(fit_gamma, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+    (tmp_path / "file").write_text("")
+    out_file = tmp_path / "file" / "gamma.json"
+    code = main(["nr", "--data-root", str(data), "--weights", str(paths["afine"]), "--out", str(out_file),
+                 "--no-progress", "--workers", "0"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.startswith(f"error: {out_file}: cannot write") and err.count("\n") == 1

@@ -278,3 +278,41 @@ def test_cli_lowercase_missing_root(tmp_path, capsys):
     assert main(["lowercase-tid2013", str(tmp_path / "TID2013")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+
+
+def test_cli_unwritable_out_fails_before_reading(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "T.txt"
+    for argv in (["nlogn", "--out", str(out)], ["pipal-mos", "--out", str(out)]):
+        assert main([*argv, "--mos-dir", str(tmp_path / "missing")]) == 2  # the output is checked first
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: {out}: cannot write") and captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("reader, text, first", [
+    (read_mos, "a.png,r.png,2.5\nb.png,r.png,1\n", MOSRecord("a.png", "r.png", 2.5)),
+    (read_triplets, "a.png,b.png,r.png,1,0,0\n", Triplet("a.png", "b.png", "r.png", 1.0, 0.0, 0.0)),
+    (read_sriqa_mos, "s_Mx4.png 40\n", ("s_Mx4.png", 40.0)),
+])
+def test_byte_order_mark_does_not_touch_the_first_line(tmp_path, reader, text, first):
+    path = tmp_path / "labels.txt"
+    path.write_bytes("\ufeff".encode() + text.encode())  # as Windows editors save UTF-8
+    assert reader(path)[0] == first
+
+
+@pytest.mark.parametrize("reader, lines", [
+    (read_mos, ["a.png,r.png,2.5", "b.png,r.png,1", "a.png, r.png, 2.50"]),
+    (read_triplets, ["a,b,r,1,0,0", "b,a,r,0,0,0", "a,b,r,1.0,0,0"]),
+    (read_sriqa_mos, ["x.png,40", "y.png 30", "x.png 40"]),
+])
+def test_repeated_entry_warns_once_naming_both_lines(tmp_path, capsys, reader, lines):
+    path = tmp_path / "labels.txt"
+    path.write_text("\n".join(lines + ["", lines[0]]) + "\n")  # lines 1, 3 and 5 hold the same entry
+    assert len(reader(path)) == 4  # kept as they are: only a warning
+    reader(path)
+    err = capsys.readouterr().err
+    assert err == f"warning: {path}: lines 1 and 3 hold the same entry (1 more repeat)\n"
+    unique = tmp_path / "unique.txt"
+    unique.write_text("\n".join(lines[:2]) + "\n")
+    reader(unique)
+    assert capsys.readouterr().err == ""

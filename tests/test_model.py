@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from afine.checkpoint import read_afine_parts, save_afine
-from afine.clip import load_clip, resize_positional_embedding
+from afine.checkpoint import build_clip, read_afine_parts, read_clip_file, save_afine
+from afine.clip import resize_positional_embedding
 from afine.image import load_image, preprocess
 from afine.mapping import final_scale, logistic
 from afine.model import TERMS, load_afine
@@ -175,7 +175,7 @@ def test_torchscript_clip_with_folder_of_files(checkpoints, tmp_path):
 
 
 def test_clip_file_formats_load_same_weights(checkpoints):
-    plain, archive = load_clip(checkpoints["clip_plain"]), load_clip(checkpoints["clip_ts"])
+    plain, archive = (build_clip(read_clip_file(checkpoints[k]), k) for k in ("clip_plain", "clip_ts"))
     sp, sa = plain.state_dict(), archive.state_dict()
     assert set(sp) == set(sa)
     assert "token_embedding.weight" in sp and "logit_scale" in sp and "input_resolution" not in sa

@@ -14,7 +14,8 @@ from PIL import Image
 
 from afine.__main__ import main
 from afine.image import load_image
-from afine.model import TERMS, load_afine
+from afine.model import AFINE, TERMS, load_afine
+from afine.score import read_pairs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +137,29 @@ def test_module_entry_point_exit_code(setup, tmp_path):
                            str(images / "a.png"), str(tmp_path / "none.png")], capture_output=True, text=True,
                           cwd=ROOT)
     assert proc.returncode == 2 and proc.stdout == "" and "none.png" in proc.stderr
+
+
+@pytest.mark.parametrize("json_output", [True, False])
+def test_non_finite_score_is_an_error_naming_the_pair(setup, capsys, monkeypatch, json_output):
+    paths, images = setup
+    original = AFINE.score
+
+    def nan_for_pair_0(self, dis, refs, ref_index):
+        terms = dict(original(self, dis, refs, ref_index))
+        terms["afine_all"] = terms["afine_all"].clone()
+        terms["afine_all"][0] = float("nan")
+        return terms
+
+    monkeypatch.setattr(AFINE, "score", nan_for_pair_0)
+    code, out, err = run_cli(capsys, "--weights", paths["afine"], *(["--json"] if json_output else []),
+                             images / "c.png", images / "ref.png")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: {images / 'c.png'}: non-finite score")
+    assert str(images / "ref.png") in err and "afine_all = nan" in err
+
+
+def test_pairs_file_with_a_byte_order_mark(setup, tmp_path):
+    _, images = setup
+    (images / "bom_pairs.txt").write_bytes("\ufeffa.png,ref.png\nb.png,ref.png\n".encode())
+    assert read_pairs(images / "bom_pairs.txt") == [(images / "a.png", images / "ref.png"),
+                                                    (images / "b.png", images / "ref.png")]
