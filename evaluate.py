@@ -1,5 +1,6 @@
 """2AFC accuracy of an A-FINE model on the published benchmarks (README, "Evaluate"), in one run.
 
+    python evaluate.py --bench all              # data/, data/afine.pth (and data/ViT-B-32.pt if it holds no CLIP)
     python evaluate.py --bench all --data-root ROOT --clip ViT-B-32.pt --weights afine.pth
     python evaluate.py --bench kadid10k,sriqa-all --data-root ROOT --weights runs/s1 --stage 1 --json s1.json
     torchrun --nproc_per_node 4 evaluate.py --bench all --data-root ROOT --weights afine.pth
@@ -27,12 +28,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
-from pathlib import Path
-
-import torch
 
 from afine.atomic import check_writable, write_json
 from afine.benchmarks import Indexes, dataset_of, load_benchmark, missing_folder, parse_benchmarks
@@ -40,49 +37,17 @@ from afine.errors import AfineError, ArgumentParser, command
 from afine.evaluation import (
     STAGE_PARTS,
     TermCache,
+    add_model_arguments,
+    check_model_arguments,
     close_distributed,
     compute_terms,
     init_distributed,
     item_scores,
+    pick_device,
     world,
 )
 from afine.metrics import correlations, two_afc_accuracy
 from afine.model import load_afine
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared with fit_gamma.py."""
-    parser.add_argument("--data-root", required=True, help="folder holding the dataset folders (see the README)")
-    parser.add_argument("--weights", required=True, help="merged afine.pth or a training run folder")
-    parser.add_argument("--clip", help="CLIP checkpoint, if the weights hold no fine-tuned CLIP")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per CLIP batch (default 16)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="image-decoding DataLoader workers (default min(4, cores))")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def check_model_arguments(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise AfineError(f"--workers must be 0 or more, got {args.workers}")
-    if not Path(args.data_root).is_dir():
-        raise AfineError(f"{args.data_root}: --data-root folder not found")
-    if not Path(args.weights).exists():
-        raise AfineError(f"{args.weights}: --weights not found")
-
-
-def pick_device(requested: str | None, distributed: torch.device | None) -> torch.device:
-    if distributed is not None:
-        return distributed
-    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise AfineError(f"--device {name}: not usable ({str(e).splitlines()[0]})") from None
-    return device
 
 
 def evaluate(model, benches, stage: int, cache: TermCache, **run) -> dict[str, dict]:

@@ -34,10 +34,18 @@ from afine.atomic import check_writable, write_json
 from afine.benchmarks import Indexes, sriqa_scene
 from afine.datasets import ImageIndex, dataset_dir, images_dir, sriqa_mos_files
 from afine.errors import AfineError, ArgumentParser, command
-from afine.evaluation import STAGE_PARTS, close_distributed, init_distributed, score_items, world
+from afine.evaluation import (
+    STAGE_PARTS,
+    add_model_arguments,
+    check_model_arguments,
+    close_distributed,
+    init_distributed,
+    pick_device,
+    score_items,
+    world,
+)
 from afine.labels import normalise_pipal_mos, read_mos_folder
 from afine.model import load_afine
-from evaluate import add_model_arguments, check_model_arguments, pick_device
 
 
 def logistic(x: np.ndarray, e1: float, e2: float, g3: float, g4: float) -> np.ndarray:

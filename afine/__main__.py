@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from . import score
-from .errors import command
+from .errors import ArgumentParser, command
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m afine", description="A-FINE image quality (lower is better).")
+    parser = ArgumentParser(prog="python -m afine", description="A-FINE image quality (lower is better).")
     commands = parser.add_subparsers(dest="command", required=True)
     score.add_arguments(commands.add_parser("score", help="score (dis, ref) image pairs"))
     return score.run(parser.parse_args(argv))

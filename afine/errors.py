@@ -16,10 +16,16 @@ class AfineError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage mistakes are AfineErrors too, so a `command` reports them the same way."""
+    """argparse whose usage mistakes are AfineErrors too, so a `command` reports them the same way, and whose
+    options take both spellings, `--data-root` and `--data_root`, like the training scripts' config keys."""
 
     def error(self, message: str):
         raise AfineError(message)
+
+    def add_argument(self, *names, **kwargs):
+        twins = ["--" + (name[2:].replace("-", "_") if "-" in name[2:] else name[2:].replace("_", "-"))
+                 for name in names if name.startswith("--")]
+        return super().add_argument(*names, *[t for t in twins if t not in names], **kwargs)
 
 
 def command(main: Callable[..., int]) -> Callable[..., int]:

@@ -15,6 +15,7 @@ Scores: stage 1 N_raw(img), stage 2 F_raw(img, ref), stage 3 D(img, ref). Lower 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections import defaultdict
@@ -316,3 +317,41 @@ def init_distributed(requested: str | None = None) -> torch.device | None:
 def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of evaluate.py and fit_gamma.py; the defaults are the training configs' paths."""
+    parser.add_argument("--data-root", default="data", help="folder holding the dataset folders (default data)")
+    parser.add_argument("--weights", default="data/afine.pth",
+                        help="merged afine.pth or a training run folder (default data/afine.pth)")
+    parser.add_argument("--clip", default="data/ViT-B-32.pt",
+                        help="CLIP checkpoint, read only if the weights hold no fine-tuned CLIP "
+                        "(default data/ViT-B-32.pt)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per CLIP batch (default 16)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="image-decoding DataLoader workers (default min(4, cores))")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise AfineError(f"--workers must be 0 or more, got {args.workers}")
+    if not Path(args.data_root).is_dir():
+        raise AfineError(f"{args.data_root}: data folder not found (--data-root points elsewhere)")
+    if not Path(args.weights).exists():
+        raise AfineError(f"{args.weights}: A-FINE weights not found (--weights points elsewhere)")
+
+
+def pick_device(requested: str | None, distributed: torch.device | None) -> torch.device:
+    if distributed is not None:
+        return distributed
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise AfineError(f"--device {name}: not usable ({str(e).splitlines()[0]})") from None
+    return device

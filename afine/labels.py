@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import check_writable, write_text
-from .errors import AfineError, command, warn
+from .errors import AfineError, ArgumentParser, command, warn
 
 LABELS = (0.0, 0.5, 1.0)
 SPLITS = ("Train", "Validation", "Test")
@@ -342,7 +342,7 @@ def _cmd_pipal_mos(args: argparse.Namespace) -> None:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m afine.labels", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m afine.labels", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("nlogn", help="generate nlogn triplets from a MOS/ folder")
     p.add_argument("--mos-dir", required=True, help="folder of MOS *.txt lists")

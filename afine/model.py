@@ -96,11 +96,12 @@ def load_afine(clip: str | Path | None, weights: str | Path | None, require: tup
     missing = [p for p in require if p not in parts]
     if missing:
         raise AfineError(f"{weights}: A-FINE parts missing: {', '.join(missing)}")
-    if clip is not None and not Path(clip).is_file():
-        raise AfineError(f"{clip}: CLIP checkpoint not found")
     if "finetuned_clip" in parts:
         clip_state, clip_source = parts.pop("finetuned_clip"), sources["finetuned_clip"]
     elif clip is not None:
+        if not Path(clip).is_file():
+            raise AfineError(f"{clip}: CLIP checkpoint not found ({weights or 'the weights'} hold no fine-tuned "
+                             "CLIP; --clip points to one)")
         clip_state, clip_source = read_clip_file(clip), str(clip)
     else:
         raise AfineError(f"{weights}: holds no fine-tuned CLIP; give the CLIP checkpoint (--clip)")

@@ -317,3 +317,15 @@ def test_unwrap_worker_error():
     for unchanged in (AfineError("a.png: broken"), ValueError("x"),
                       RuntimeError("Caught ValueError in DataLoader worker process 0.\nTraceback\nValueError: x")):
         assert unwrap_worker_error(unchanged) is unchanged
+
+
+def test_defaults_are_the_training_paths_and_both_spellings_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--bench", "all"]) == 2
+    assert "data: data folder not found (--data-root points elsewhere)" in capsys.readouterr().err
+    (tmp_path / "data").mkdir()
+    assert main(["--bench", "all"]) == 2
+    assert "data/afine.pth: A-FINE weights not found (--weights points elsewhere)" in capsys.readouterr().err
+    for spelling in ("--data_root", "--data-root", "--data_root=elsewhere"):
+        assert main(["--bench", "all", *([spelling, "elsewhere"] if "=" not in spelling else [spelling])]) == 2
+        assert "elsewhere: data folder not found" in capsys.readouterr().err
