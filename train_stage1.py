@@ -25,7 +25,7 @@ from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.errors import AfineError
 from afine.losses import rank_loss
-from afine.model import AFINE
+from afine.model import AFINE, load_afine
 
 
 @dataclass
@@ -45,7 +45,10 @@ class Stage1Config(RunConfig):
 
 
 def build_model(cfg: Stage1Config) -> AFINE:
-    """The CLIP to fine-tune and a fresh naturalness head (initialised from the seed)."""
+    """The CLIP to fine-tune and a fresh naturalness head (initialised from the seed), or, with init_from,
+    the fine-tuned CLIP and naturalness head of a released or earlier model."""
+    if cfg.init_from:
+        return load_afine(None, cfg.init_from, require=("finetuned_clip", "natural"))
     clip = clip_from_spec(cfg.clip, cfg.seed)
     torch.manual_seed(cfg.seed)
     return AFINE(clip)

@@ -25,7 +25,7 @@ from afine.config import TRADITIONAL, RunConfig
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.losses import rank_loss
-from afine.model import AFINE
+from afine.model import AFINE, load_init
 
 
 @dataclass
@@ -48,11 +48,15 @@ class Stage2Config(RunConfig):
 
 
 def build_model(cfg: Stage2Config) -> AFINE:
-    """Stage-1 CLIP (frozen) and a fresh fidelity head (initialised from the seed)."""
+    """Stage-1 CLIP (frozen) and a fresh fidelity head (initialised from the seed) or, with init_from, the
+    fidelity head of a released or earlier model."""
     clip_file = run_file(cfg.stage1_dir, "clip_model.pth", 1)
     clip = build_clip(read_clip_file(clip_file), str(clip_file))
     torch.manual_seed(cfg.seed)
-    return AFINE(clip)
+    model = AFINE(clip)
+    if cfg.init_from:
+        load_init(model, cfg.init_from, ("fidelity",))
+    return model
 
 
 def fidelity_scores(model: AFINE, batch: dict, device: torch.device, amp: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,7 @@ from afine.distributed import Dist
 from afine.errors import AfineError
 from afine.losses import rank_loss
 from afine.mapping import NaturalnessMapping
-from afine.model import AFINE
+from afine.model import AFINE, load_init
 
 
 @dataclass
@@ -85,6 +85,8 @@ def read_nr_init(cfg: Stage3Config) -> None:
     """fit_gamma's JSON output {"yita3": ..., "yita4": ...}, if given, sets the NR-mapping start."""
     if not cfg.nr_init_file:
         return
+    if cfg.init_from:
+        raise AfineError("config keys 'nr_init_file' and 'init_from' both set the NR-mapping start; give one")
     path = Path(cfg.nr_init_file)
     try:
         fit = json.loads(path.read_text())
@@ -105,12 +107,15 @@ def frozen_files(cfg: Stage3Config) -> list[Path]:
 
 
 def build_model(cfg: Stage3Config) -> AFINE:
-    """Stage-1 CLIP and naturalness head, stage-2 fidelity head (all frozen); fresh mappings and adapter."""
+    """Stage-1 CLIP and naturalness head, stage-2 fidelity head (all frozen); fresh mappings and adapter, or,
+    with init_from, those of a released or earlier model."""
     clip_file, natural_file, fidelity_file = frozen_files(cfg)
     model = AFINE(build_clip(read_clip_file(clip_file), str(clip_file)))
     load_strict(model.natural, read_network_file(natural_file), str(natural_file))
     load_strict(model.fidelity, read_network_file(fidelity_file), str(fidelity_file))
     model.natural_scale = NaturalnessMapping(cfg.nr_yita3, cfg.nr_yita4)
+    if cfg.init_from:
+        load_init(model, cfg.init_from, ("natural_scale", "fidelity_scale", "adapter"))
     return model
 
 

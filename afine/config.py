@@ -63,6 +63,7 @@ class RunConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     workers: int = 4  # DataLoader worker processes per rank
     shuffle: bool = True  # false: triplets in list order every epoch (for reproducibility checks)
+    init_from: str = ""  # start the trained parts from this afine.pth or run folder (fine-tuning) instead of afresh
     resume: bool = True  # continue the run in out_dir if it has a training state
     overwrite: bool = False  # allowed to replace what out_dir holds when not resuming
     optim: Optim = field(default_factory=Optim)

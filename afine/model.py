@@ -108,3 +108,12 @@ def load_afine(clip: str | Path | None, weights: str | Path | None, require: tup
     model = AFINE(build_clip(clip_state, clip_source))
     model.load_parts(parts, sources)
     return model.eval()
+
+
+def load_init(model: AFINE, path: str | Path, names: tuple[str, ...]) -> None:
+    """Start the parts `names` from a released or earlier model (afine.pth or a run folder): fine-tuning."""
+    parts, sources = read_afine_parts(path)
+    missing = [name for name in names if name not in parts]
+    if missing:
+        raise AfineError(f"{path}: init_from holds no {', '.join(missing)}")
+    model.load_parts({name: parts[name] for name in names}, sources)

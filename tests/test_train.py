@@ -22,7 +22,7 @@ import train_stage2
 import train_stage3
 from afine import config
 from afine.batches import GlobalBatches, distinct_images
-from afine.checkpoint import read_afine_parts, read_network_file
+from afine.checkpoint import read_afine_parts, read_network_file, save_afine
 from afine.datasets import TripletDataset, collate_triplets
 from afine.distributed import Dist
 from afine.errors import AfineError
@@ -506,3 +506,30 @@ def test_stage2_refuses_to_resume_or_load_on_a_changed_stage1(synth, stage1_run,
     assert "clip_model.pth" in capsys.readouterr().err
     with pytest.raises(AfineError, match="clip_model.pth.*changed"):
         load_afine(None, tmp_path / "s2", require=("fidelity",))
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+
+def test_fine_tuning_from_an_afine_pth_starts_exactly_at_its_scores(synth, tmp_path):
+    from tests.tiny import random_afine, tiny_clip
+
+    released = tmp_path / "released.pth"
+    model = random_afine(tiny_clip(seed=3), seed=4)
+    save_afine(released, model.parts())
+    # learning rate 0 everywhere: each stage writes the weights it started from, so the chain shows what
+    # init_from loads: the CLIP and naturalness head (stage 1), fidelity head (2), mappings and adapter (3)
+    frozen = {"schedule.eta_min": 0, "init_from": released, "train_datasets": "KADID10K", "total_iter": 1}
+    runs = {n: tmp_path / f"s{n}" for n in (1, 2, 3)}
+    train_stage1.train(stage1_config(synth, runs[1], **frozen, **{"lr.clip": 0, "lr.natural": 0}), Dist())
+    train_stage2.train(stage2_config(synth, runs[2], runs[1], **frozen, **{"lr.fidelity": 0}), Dist())
+    train_stage3.train(stage3_config(synth, runs[3], runs[2], **frozen, **{"lr.natural_scale": 0,
+                                     "lr.fidelity_scale": 0, "lr.adapter": 0}), Dist())
+    tuned = load_afine(None, runs[3] / "afine.pth")
+    rng = torch.Generator().manual_seed(0)
+    dis, ref = torch.rand(3, 3, 64, 96, generator=rng), torch.rand(3, 3, 64, 96, generator=rng)
+    with torch.no_grad():
+        before, after = model(dis, ref), tuned(dis, ref)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(AfineError, match="init_from holds no fidelity"):
+        train_stage2.build_model(stage2_config(synth, tmp_path / "x", runs[1], init_from=runs[1]))
