@@ -93,10 +93,15 @@ def _coerce(value, tp, where: str):
     raise AfineError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {json.dumps(value)}")
 
 
+def _fields(cls) -> dict:
+    """Field name -> type of a dataclass (class variables left out)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def build(cls, raw: dict, where: str):
     """A dataclass from a dict: every key known, every value of its field's type."""
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    hints = {name: typing.get_type_hints(cls)[name] for name in hints}
+    hints = _fields(cls)
     for key in raw:
         if key not in hints:
             raise AfineError(f"{where}: unknown key {key!r} (known: {', '.join(hints)})")
@@ -151,11 +156,11 @@ def parse_args(cls, argv: list[str]):
         node, tp, *parents = raw, cls, *key.split(".")
         leaf = parents.pop()
         for name in parents:
-            tp = typing.get_type_hints(tp).get(name) if dataclasses.is_dataclass(tp) else None
+            tp = _fields(tp).get(name) if dataclasses.is_dataclass(tp) else None
             if not dataclasses.is_dataclass(tp) or not isinstance(node.setdefault(name, {}), dict):
                 raise AfineError(f"{option}: unknown config key {key!r}")
             node = node[name]
-        hints = {f.name: typing.get_type_hints(tp)[f.name] for f in dataclasses.fields(tp)}
+        hints = _fields(tp)
         if leaf not in hints:
             raise AfineError(f"{option}: unknown config key {key!r} (--help lists them)")
         if dataclasses.is_dataclass(hints[leaf]):

@@ -170,7 +170,7 @@ def lock_folder(out: Path):
 
 def remove_leftovers(out: Path) -> None:
     """Temporary files of a killed run (each may be a whole training state) and half-swapped best/ folders."""
-    for folder in (out, out / "state", out / "best"):
+    for folder in (out, out / "state", out / "best", *out.glob("saves/step_*")):
         for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
             tmp.unlink(missing_ok=True)
     if (out / "best.old").is_dir() and not (out / "best").is_dir():
