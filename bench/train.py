@@ -1,19 +1,26 @@
-"""Training-step throughput of the three stages: our batched step next to the official per-sample loop.
+"""Training-step throughput of the three stages: mixed-shape, one-shape and the official per-sample step.
 
-    .venv/bin/python bench/train.py                                   # CUDA if present: batch 32, 384x512, bf16
-    .venv/bin/python bench/train.py --device cpu --amp off --batch 16 --height 224 --width 224 --steps 1
-    .venv/bin/python bench/train.py --device cpu --clip tiny --batch 16 --height 96 --width 96
+    .venv/bin/python bench/train.py                                   # CUDA if present: batch 32, bf16
+    .venv/bin/python bench/train.py --device cpu --amp off --batch 8 --steps 1 \
+        --mix 192x256,256x192,256x256,160x160 --height 192 --width 256
+    .venv/bin/python bench/train.py --device cpu --clip tiny --batch 16 --height 96 --width 96 --mix 96x96,64x96
 
-A random full-size ViT-B/32 CLIP (or the tiny test CLIP) is built in-process: no download. One random
-triplet batch (x1, x2, y all distinct images unless --refs says how many distinct references it holds).
+A random full-size ViT-B/32 CLIP (or the tiny test CLIP) is built in-process: no download. Random triplets
+(x1, x2, y all distinct images unless --refs says how many distinct references there are per shape).
 Per stage and mode: one warm-up step, then --steps timed steps of forward, backward and AdamW.
 
-- batched: what train_stageN.py runs: each distinct image of the batch through CLIP once, heads batched.
-- per-sample: what the official trainer runs: a Python loop over the triplets, CLIP + head once per image
-  of each triplet (the reference again for every triplet), the losses then averaged over the batch.
+- mixed: what train_stageN.py runs now: a global batch of --batch triplets whose shapes follow --mix
+  round-robin (triplet i gets shape i mod len(mix)), grouped by shape with afine.batches.shape_groups into
+  micro-batches of at most --micro-batch // 3 triplets (0: one per shape); per micro-batch the stage's
+  triplet_losses and (losses.sum() / batch).backward(), then one AdamW step.
+- grouped: the step before the rewrite: the whole batch one shape (--height x --width), one forward.
+- per-sample: what the official trainer runs: a Python loop over the grouped batch's triplets, CLIP + head
+  once per image of each triplet (the reference again for every triplet), the losses averaged.
 
-Prints one row per (stage, mode): triplets/s, seconds per step, peak memory (CUDA: max allocated;
-CPU: the process's peak resident set during the steps), then a JSON line with every figure.
+Prints one row per (stage, mode): triplets/s, megapixels/s (3 images per triplet, H x W each: the mixed
+batch holds other image areas than the grouped one), seconds per step, peak memory (CUDA: max allocated;
+CPU: the process's peak resident set during the steps), the ratios mixed / grouped and mixed / per-sample
+per stage, then a JSON line with every figure.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
 import train_stage3  # noqa: E402
+from afine.batches import shape_groups  # noqa: E402
 from afine.checkpoint import TINY_CLIP  # noqa: E402
 from afine.clip import CLIP  # noqa: E402
 from afine.losses import rank_loss  # noqa: E402
@@ -48,17 +56,35 @@ def trained_modules(model: AFINE, stage: int) -> dict:
     return {name: model.clip if name == "clip" else getattr(model, name) for name in LR[stage]}
 
 
-def random_batch(batch: int, height: int, width: int, refs: int, device: torch.device) -> dict:
+def random_triplets(shapes: list[tuple[int, int]], refs: int) -> list[dict]:
+    """One random triplet per shape; triplet i of a shape shares reference i mod refs of that shape."""
     g = torch.Generator().manual_seed(0)
-    x1, x2 = torch.rand(batch, 3, height, width, generator=g), torch.rand(batch, 3, height, width, generator=g)
-    ref_of = torch.arange(batch) % refs
-    y = torch.rand(refs, 3, height, width, generator=g)[ref_of]
-    labels = torch.tensor([0.0, 0.5, 1.0])[torch.randint(0, 3, (3, batch), generator=g)]
-    keys = [(f"x1_{i}", f"x2_{i}", f"ref_{int(r)}") for i, r in enumerate(ref_of)]
-    return {"x1": x1, "x2": x2, "y": y, "g12": labels[0], "g1y": labels[1], "g2y": labels[2], "keys": keys}
+    references: dict[tuple, torch.Tensor] = {}
+    triplets = []
+    for i, (h, w) in enumerate(shapes):
+        ref = (h, w, shapes[:i].count((h, w)) % refs)
+        if ref not in references:
+            references[ref] = torch.rand(3, h, w, generator=g)
+        labels = torch.tensor([0.0, 0.5, 1.0])[torch.randint(0, 3, (3,), generator=g)]
+        triplets.append({"x1": torch.rand(3, h, w, generator=g), "x2": torch.rand(3, h, w, generator=g),
+                         "y": references[ref], "g12": labels[0], "g1y": labels[1], "g2y": labels[2],
+                         "keys": (f"x1_{i}", f"x2_{i}", "ref_{}x{}_{}".format(*ref))})
+    return triplets
 
 
-# ---------------------------------------------------------------------------------------------- the two step kinds
+def collate(triplets: list[dict]) -> dict:
+    """Same-shape triplets -> one batch as the training DataLoader yields it."""
+    batch = {k: torch.stack([t[k] for t in triplets]) for k in ("x1", "x2", "y", "g12", "g1y", "g2y")}
+    batch["keys"] = [t["keys"] for t in triplets]
+    return batch
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    h, w = text.lower().split("x")
+    return int(h), int(w)
+
+
+# ---------------------------------------------------------------------------------------------- the step kinds
 
 
 def batched_losses(model: AFINE, stage: int, batch: dict, device: torch.device, amp: str, checkpoint: bool):
@@ -128,19 +154,23 @@ def peak_mib(device: torch.device) -> float:
     return float("nan")
 
 
-def measure(model: AFINE, stage: int, mode: str, batch: dict, args, device: torch.device) -> dict:
+def measure(model: AFINE, stage: int, mode: str, batches: list[dict], args, device: torch.device) -> dict:
+    """batches: the step's micro-batches (one for grouped and per-sample)."""
     trained = trained_modules(model, stage)
-    freeze(model, trained)
+    freeze(model)
+    for module in trained.values():
+        module.requires_grad_(True).train()
     optimizer = torch.optim.AdamW([{"params": list(m.parameters()), "lr": LR[stage][n]} for n, m in trained.items()],
                                   betas=(0.9, 0.99), weight_decay=1e-3)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     def step():
-        if mode == "batched":
-            losses = batched_losses(model, stage, batch, device, args.amp, args.checkpoint_blocks)
-        else:
-            losses = per_sample_losses(model, stage, batch, device, args.amp)
-        scaler.scale(losses.mean()).backward()
+        for batch in batches:
+            if mode == "per-sample":
+                losses = per_sample_losses(model, stage, batch, device, args.amp)
+            else:
+                losses = batched_losses(model, stage, batch, device, args.amp, args.checkpoint_blocks)
+            scaler.scale(losses.sum() / args.batch).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -153,7 +183,9 @@ def measure(model: AFINE, stage: int, mode: str, batch: dict, args, device: torc
         step()
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
-    return {"stage": stage, "mode": mode, "triplets_per_s": args.batch / seconds, "seconds_per_step": seconds,
+    megapixels = sum(3 * b["x1"].shape[-2] * b["x1"].shape[-1] * len(b["keys"]) for b in batches) / 1e6
+    return {"stage": stage, "mode": mode, "triplets_per_s": args.batch / seconds,
+            "megapixels_per_s": megapixels / seconds, "seconds_per_step": seconds, "micro_batches": len(batches),
             "peak_mib": peak_mib(device)}
 
 
@@ -162,13 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--amp", default=None, help="bf16 | fp16 | off (default: bf16 on CUDA, off on CPU)")
     p.add_argument("--batch", type=int, default=32, help="triplets per step")
-    p.add_argument("--height", type=int, default=384)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--refs", type=int, default=0, help="distinct references in the batch (0: one per triplet)")
+    p.add_argument("--height", type=int, default=384, help="grouped and per-sample: image height")
+    p.add_argument("--width", type=int, default=512, help="grouped and per-sample: image width")
+    p.add_argument("--mix", default="384x512,512x384,512x512,288x288",
+                   help="mixed: image shapes HxW, assigned to the triplets round-robin")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="mixed: at most this many images per forward (micro_batch // 3 triplets; 0: no cap)")
+    p.add_argument("--refs", type=int, default=0, help="distinct references per shape (0: one per triplet)")
     p.add_argument("--clip", default="b32", choices=sorted(CLIPS), help="random ViT-B/32 or the tiny test CLIP")
     p.add_argument("--steps", type=int, default=3, help="timed steps per stage and mode (after one warm-up)")
     p.add_argument("--stages", default="1,2,3")
-    p.add_argument("--modes", default="batched,per-sample")
+    p.add_argument("--modes", default="mixed,grouped,per-sample")
     p.add_argument("--checkpoint-blocks", action="store_true", help="stage 1: activation checkpointing of CLIP")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args(argv)
@@ -182,24 +218,37 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     model = AFINE(CLIP(**CLIPS[args.clip])).to(device)
-    batch = random_batch(args.batch, args.height, args.width, refs, device)
+    grouped = [collate(random_triplets([(args.height, args.width)] * args.batch, refs))]
+    mix = [parse_shape(s) for s in args.mix.split(",")]
+    shapes = [mix[i % len(mix)] for i in range(args.batch)]
+    triplets = random_triplets(shapes, refs)
+    cap = max(1, args.micro_batch // 3) if args.micro_batch else 0
+    mixed = [collate([triplets[i] for i in group]) for group in shape_groups(list(range(args.batch)),
+                                                                             shapes.__getitem__, cap)]
+    batches = {"mixed": mixed, "grouped": grouped, "per-sample": grouped}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"device {device} ({name}), torch {torch.__version__}, amp {args.amp}, CLIP {args.clip} (random), "
-          f"batch {args.batch} triplets ({refs} distinct references), {args.height}x{args.width}, "
+          f"batch {args.batch} triplets ({refs} distinct references per shape), grouped {args.height}x{args.width}, "
+          f"mixed {args.mix} round-robin in {len(mixed)} micro-batches (micro_batch {args.micro_batch}), "
           f"{args.steps} timed steps after 1 warm-up{', checkpointed blocks' if args.checkpoint_blocks else ''}")
-    print(f"{'stage':>5}  {'mode':<10}  {'triplets/s':>10}  {'s/step':>8}  {'peak MiB':>9}")
+    print(f"{'stage':>5}  {'mode':<10}  {'triplets/s':>10}  {'MP/s':>8}  {'s/step':>8}  {'peak MiB':>9}")
     results = []
     for stage in (int(s) for s in args.stages.split(",")):
         for mode in args.modes.split(","):
-            r = measure(model, stage, mode, batch, args, device)
+            r = measure(model, stage, mode, batches[mode], args, device)
             results.append(r)
-            print(f"{stage:>5}  {mode:<10}  {r['triplets_per_s']:>10.2f}  {r['seconds_per_step']:>8.3f}  "
-                  f"{r['peak_mib']:>9.0f}", flush=True)
-        pair = {r["mode"]: r["triplets_per_s"] for r in results if r["stage"] == stage}
-        if "batched" in pair and "per-sample" in pair:
-            print(f"{'':>5}  batched / per-sample: {pair['batched'] / pair['per-sample']:.2f}x", flush=True)
+            print(f"{stage:>5}  {mode:<10}  {r['triplets_per_s']:>10.2f}  {r['megapixels_per_s']:>8.3f}  "
+                  f"{r['seconds_per_step']:>8.3f}  {r['peak_mib']:>9.0f}", flush=True)
+        by_mode = {r["mode"]: r for r in results if r["stage"] == stage}
+        for other in ("grouped", "per-sample"):
+            if "mixed" in by_mode and other in by_mode:
+                m, o = by_mode["mixed"], by_mode[other]
+                print(f"{'':>5}  mixed / {other}: triplets/s {m['triplets_per_s'] / o['triplets_per_s']:.2f}x, "
+                      f"MP/s {m['megapixels_per_s'] / o['megapixels_per_s']:.2f}x, "
+                      f"peak {m['peak_mib'] / o['peak_mib']:.2f}x", flush=True)
     print(json.dumps({"device": str(device), "name": name, "amp": args.amp, "clip": args.clip, "batch": args.batch,
-                      "height": args.height, "width": args.width, "refs": refs, "results": results}))
+                      "height": args.height, "width": args.width, "mix": args.mix, "micro_batch": args.micro_batch,
+                      "refs": refs, "results": results}))
     return 0
 
 

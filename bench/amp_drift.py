@@ -1,0 +1,124 @@
+"""How far bf16 autocast moves A-FINE from float32: CLIP features, raw N and F, D, 2AFC order, stage-1 gradient.
+
+    .venv/bin/python bench/amp_drift.py                      # CPU (bf16 autocast works there), a few minutes
+    .venv/bin/python bench/amp_drift.py --device cuda --sizes 224x224,384x512,512x512 --pairs 16
+
+The published configs train in float32 (`amp: off`); bf16 is one flag away. This measures what that flag
+changes on a random full-size ViT-B/32 A-FINE (random CLIP and heads: no download, so the figures describe
+the numerics of the architecture, not of the released weights). Images are smooth random fields (bicubically
+upsampled low-resolution noise) as references, each with two distorted versions (added noise and blur of
+random strength), so a pair's 2AFC order is decided by the model, not fixed by construction.
+
+Per size, the same images through CLIP in float32 and under bf16 autocast (heads in float32 either way, as in
+training): the relative error ||bf16 - fp32|| / ||fp32|| of every block's features per image (max, mean),
+the max |difference| of raw N and raw F and the same relative to their spread (std across the images), the
+max |difference| of D, and the fraction of pairs whose order D(x1) < D(x2) flips. Then one stage-1 batch:
+the cosine similarity of the bf16 and fp32 gradients of the stage-1 loss (train_stage1.triplet_losses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train_stage1  # noqa: E402
+from afine.clip import CLIP  # noqa: E402
+from afine.model import AFINE  # noqa: E402
+from afine.training import autocast  # noqa: E402
+from bench.train import B32  # noqa: E402
+
+
+def images(pairs: int, height: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(x1, x2, y) [pairs, 3, H, W] in [0, 1]: smooth references, two noisy / blurred versions of each."""
+    low = torch.rand(pairs, 3, max(2, height // 32), max(2, width // 32), generator=g)
+    y = F.interpolate(low, size=(height, width), mode="bicubic", align_corners=False)
+    y = (y + 0.03 * torch.randn(y.shape, generator=g)).clamp(0, 1)
+
+    def distort(x):
+        noise = 0.25 * torch.rand(pairs, 1, 1, 1, generator=g)
+        blur = torch.randint(0, 3, (1,), generator=g).item() * 2 + 1
+        x = F.avg_pool2d(x, blur, stride=1, padding=blur // 2, count_include_pad=False)
+        return (x + noise * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+    return distort(y), distort(y), y
+
+
+@torch.no_grad()
+def scores(model: AFINE, x1, x2, y, device, amp: str) -> dict:
+    """CLIP in `amp`, heads in float32: block features, raw N, raw F and D of both pairs."""
+    b = x1.shape[0]
+    with autocast(device, amp):
+        a, feats = model.encode(torch.cat([x1, x2, y]).to(device))
+    a, feats = a.float(), feats.float()
+    n = model.natural(a, feats)
+    f = torch.cat([model.fidelity(a[i * b:(i + 1) * b], feats[i * b:(i + 1) * b], a[2 * b:], feats[2 * b:])
+                   for i in (0, 1)])
+    d = model.terms(n[:2 * b], n[2 * b:].repeat(2), f)["afine_all"]
+    return {"feats": feats, "n": n, "f": f, "d": d}
+
+
+def stage1_gradient(model: AFINE, batch: dict, device, amp: str) -> torch.Tensor:
+    """The gradient of the stage-1 loss (mean over the batch) w.r.t. CLIP and the naturalness head, flat."""
+    model.zero_grad(set_to_none=True)
+    train_stage1.triplet_losses(model, batch, device, amp).mean().backward()
+    params = list(model.clip.parameters()) + list(model.natural.parameters())
+    return torch.cat([p.grad.flatten() for p in params if p.grad is not None]).double()  # float64: 88M terms
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sizes", default="224x224,384x512", help="image sizes HxW")
+    p.add_argument("--pairs", type=int, default=8, help="references per size (two distorted images each)")
+    p.add_argument("--grad-size", default="224x224", help="stage-1 gradient batch: image size (empty: skip)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = AFINE(CLIP(**B32)).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, random ViT-B/32 A-FINE, "
+          f"{args.pairs} references x 2 distorted images per size; bf16 autocast vs float32 (heads float32)")
+    print(f"{'size':>9}  {'feat rel max':>12}  {'feat rel mean':>13}  {'|dN| max':>9}  {'dN/std':>7}  "
+          f"{'|dF| max':>9}  {'dF/std':>7}  {'|dD| max':>9}  {'dD/std':>7}  {'2AFC flips':>10}")
+    for size in args.sizes.split(","):
+        h, w = (int(v) for v in size.split("x"))
+        x1, x2, y = images(args.pairs, h, w, g)
+        start = time.perf_counter()
+        ref, low = scores(model, x1, x2, y, device, "off"), scores(model, x1, x2, y, device, "bf16")
+        rel = ((low["feats"] - ref["feats"]).flatten(2).norm(dim=2) / ref["feats"].flatten(2).norm(dim=2))
+        row = [f"{size:>9}", f"{rel.max():>12.2e}", f"{rel.mean():>13.2e}"]
+        for key in ("n", "f", "d"):
+            diff = (low[key] - ref[key]).abs().max()
+            row += [f"{diff:>9.2e}", f"{diff / ref[key].std():>7.2e}"]
+        b = args.pairs
+        flips = ((ref["d"][:b] < ref["d"][b:]) != (low["d"][:b] < low["d"][b:])).float().mean()
+        gap = (ref["d"][:b] - ref["d"][b:]).abs().min() / ref["d"].std()
+        print("  ".join(row) + f"  {flips:>10.3f}   (closest fp32 pair: |D1-D2| = {gap:.2e} std; "
+              f"{time.perf_counter() - start:.0f} s)", flush=True)
+
+    if args.grad_size:
+        h, w = (int(v) for v in args.grad_size.split("x"))
+        x1, x2, y = images(args.pairs, h, w, g)
+        labels = torch.tensor([0.0, 0.5, 1.0])[torch.randint(0, 3, (3, args.pairs), generator=g)]
+        batch = {"x1": x1, "x2": x2, "y": y, "g12": labels[0], "g1y": labels[1], "g2y": labels[2],
+                 "keys": [(f"x1_{i}", f"x2_{i}", f"y_{i}") for i in range(args.pairs)]}
+        model.requires_grad_(False)
+        model.clip.requires_grad_(True)
+        model.natural.requires_grad_(True)
+        g32, g16 = stage1_gradient(model, batch, device, "off"), stage1_gradient(model, batch, device, "bf16")
+        cos = F.cosine_similarity(g32, g16, dim=0)
+        print(f"stage-1 gradient, {args.pairs} triplets at {args.grad_size}: cosine(bf16, fp32) = {cos:.6f}, "
+              f"||bf16 - fp32|| / ||fp32|| = {(g16 - g32).norm() / g32.norm():.2e}, "
+              f"norm ratio bf16/fp32 = {g16.norm() / g32.norm():.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
