@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,9 @@ def run(*args: str | Path) -> None:
     """Run one of the project's scripts; stop the demo with its exit code if it fails."""
     cmd = [sys.executable, *map(str, args)]
     print("$ " + " ".join(str(a) for a in args), flush=True)
-    code = subprocess.call(cmd, cwd=ROOT)
+    # one thread per process: the tiny model's operations are too small to share, and on a busy machine
+    # two threads waiting on each other make a training step many times slower
+    code = subprocess.call(cmd, cwd=ROOT, env={"OMP_NUM_THREADS": "1", **os.environ})
     if code != 0:
         sys.exit(f"error: demo step failed (exit code {code}): {' '.join(map(str, args))}")
 
@@ -108,9 +111,19 @@ def main() -> None:
         a, b = before[name]["accuracy"], after[name]["accuracy"]
         outcome[name] = "better" if b > a else "equal" if b == a else "worse"
         print(f"{name:<14} {after[name]['pairs']:>6} {a:>10.3f} {b:>9.3f}  {outcome[name]}")
+    mean_before = sum(before[n]["accuracy"] for n in after) / len(after)
+    mean_after = sum(after[n]["accuracy"] for n in after) / len(after)
+    print(f"{'mean':<14} {'':>6} {mean_before:>10.3f} {mean_after:>9.3f}  "
+          f"{100 * (mean_after - mean_before):+.1f} points")
     counts = {k: list(outcome.values()).count(k) for k in ("better", "equal", "worse")}
     print(f"trained vs untrained: better on {counts['better']}, equal on {counts['equal']}, worse on "
           f"{counts['worse']} of {len(after)} benchmarks; total time {time.perf_counter() - start:.0f} s")
+    for stage in ("s1", "s2", "s3"):  # each stage's validation mean at its start and at its end (log.jsonl)
+        val = [r["val_mean"] for r in map(json.loads, (out / stage / "log.jsonl").read_text().splitlines())
+               if "val_mean" in r]
+        best = json.loads((out / stage / "best" / "best.json").read_text())
+        print(f"stage {stage[1]} validation 2AFC mean: step 0 {val[0]:.4f}, final {val[-1]:.4f}, "
+              f"best {best['val_mean']:.4f} at step {best['step']} ({stage}/best/)")
     print("(the untrained model's naturalness head is flat, so it ranks by fidelity alone; that fails where the\n"
           " reference is worse than the images under test - DiffIQA's P images, SR results that beat SRIQA's\n"
           " Original photo - which is what A-FINE's training fixes. diffiqa-nyy pairs each image with its own\n"

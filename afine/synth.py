@@ -83,8 +83,10 @@ SCALES = {
         kadid_types=("blur", "motion_blur", "noise", "jpeg", "saturation", "contrast"),
         pipal_types=("sr_bicubic", "gan_texture", "blur", "noise", "jpeg"),
         tid_types=("noise", "impulse", "blur", "jpeg", "quantise", "contrast"),
-        size={"KADID10K": ((64, 96), (72, 96)), "PIPAL": ((64, 64), (80, 72)), "TID2013": ((64, 96), (64, 88)),
-              "DiffIQA": ((64, 64), (96, 80)), "SRIQA-Bench": ((96, 96), (80, 112))},
+        # the training sets have one size each, like the published ones (KADID-10k and TID2013 384x512, PIPAL
+        # 288x288, DiffIQA 512x512), so a training batch holds about as many shapes as a real one
+        size={"KADID10K": ((64, 96), (64, 96)), "PIPAL": ((48, 48), (48, 48)), "TID2013": ((64, 96), (64, 96)),
+              "DiffIQA": ((64, 64), (64, 64)), "SRIQA-Bench": ((96, 96), (80, 112))},
         diffiqa_references=60, diffiqa_per_class=4, sriqa_scenes=8),
     "medium": Scale(
         references=20,

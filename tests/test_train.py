@@ -533,3 +533,53 @@ def test_fine_tuning_from_an_afine_pth_starts_exactly_at_its_scores(synth, tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(AfineError, match="init_from holds no fidelity"):
         train_stage2.build_model(stage2_config(synth, tmp_path / "x", runs[1], init_from=runs[1]))
+
+
+# ---------------------------------------------------------------------------------------------- one-line failures
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_last_good_state(square, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from afine import atomic, checkpoint
+
+    calls = []
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def filling(path, write):  # the disk is full when the state of step 4 is written
+        if Path(path).name == "step_00000004.pt":
+            calls.append(path)
+            write = full
+        return atomic.atomic_write(path, write)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", filling)
+    argv = args(square, tmp_path / "s1", clip="random-tiny", total_iter=4, save_every=2)
+    assert train_stage1.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert calls and err[-1].startswith("error: ") and "no space left on device" in err[-1]
+    states = state_files(tmp_path / "s1" / "state")
+    assert [s for s, _ in states] == [2] and check_state_file(states[0][1]) is not None
+    assert not list((tmp_path / "s1" / "state").glob(".*.tmp"))
+
+
+def test_a_bad_image_in_a_loader_worker_is_the_same_one_line_error(square, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(square, data)
+    image = data / "KADID10K" / "images" / "I01_02.png"
+    image.write_bytes(image.read_bytes()[:80])  # the header (size) reads, the pixels do not: fails in the loader
+    for workers in (0, 1):
+        argv = args(data, tmp_path / f"s1_{workers}", clip="random-tiny", total_iter=20, workers=workers)
+        assert train_stage1.main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert len(err) == 1 and "I01_02.png" in err[0] and "Traceback" not in err[0], err
+
+
+def test_nan_before_any_save_says_no_state_was_saved(square, tmp_path, monkeypatch, capsys):
+    losses = train_stage1.triplet_losses
+    monkeypatch.setattr(train_stage1, "triplet_losses", lambda *a, **k: losses(*a, **k) * float("nan"))
+    assert train_stage1.main(args(square, tmp_path / "s1", clip="random-tiny", total_iter=3, save_every=2)) == 2
+    assert "step 1: loss is nan; training stopped (no training state was saved yet)" in capsys.readouterr().err
