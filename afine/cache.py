@@ -221,9 +221,10 @@ def _lock(root: Path, folder: Path):
 
 def _create(kind: str, folder: Path, table: PairTable, augmentations: int, model: AFINE, own_root: bool) -> None:
     """An empty entry (rank 0): the old folder removed, data files allocated; the manifest comes last."""
-    if own_root:
-        for stale in folder.parent.glob(folder.name[:-16] + "*"):
-            if stale != folder and stale.is_dir():
+    if own_root:  # the same kind and list under another key
+        prefix = folder.name[:-16]
+        for stale in folder.parent.iterdir():
+            if stale.name[:-16] == prefix and re.fullmatch("[0-9a-f]{16}", stale.name[-16:]) and stale != folder:
                 shutil.rmtree(stale, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
     shapes = {SIMILARITY: {"similarity.npy": ((len(table.pairs), augmentations, 2 * sum(model.fidelity.chns)),

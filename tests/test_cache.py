@@ -1,5 +1,6 @@
 """Stages 2 and 3 on cached statistics of the frozen networks: the same triplets, augmentations and result as
 the uncached path, a cache keyed by the frozen files, rebuilt when half-written, and bitwise resume."""
+# ruff: noqa: F811 - the fixtures imported from test_train are taken as test parameters of the same names
 
 from __future__ import annotations
 
@@ -195,3 +196,46 @@ def test_an_unusable_cache_dir_is_a_one_line_error(square, square_s1, tmp_path, 
     assert train_stage2.main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the training progress bar
     assert last.startswith("error: ") and f"{tmp_path / 'file'}: cannot use as cache_dir" in last
+
+
+RUNNER = """
+import sys
+import torch
+sys.path.insert(0, {root!r})
+import train_stage2
+from afine import config, distributed
+
+torch.set_num_threads(1)
+cfg = config.parse_args(train_stage2.Stage2Config, sys.argv[1:])
+d = distributed.setup(cfg.device)
+model = train_stage2.train(cfg, d)
+torch.save(model.state_dict(), f"{{cfg.out_dir}}/rank{{d.rank}}.pt")
+distributed.close(d)
+"""
+
+
+def test_two_processes_build_the_same_cache_and_train_alike(square, square_s1, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER.format(root=str(root)))
+    common = {"stage1_dir": square_s1, "cache": "true", "total_iter": 4, "val_every": 2, **EXACT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
+           *args(square, tmp_path / "two", batch_size=2, **common)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = trained(train_stage2.train(stage2_config(square, tmp_path / "one", square_s1, batch_size=4, **{
+        k: v for k, v in common.items() if k != "stage1_dir"}), Dist()), ("fidelity",))
+    rank0 = torch.load(tmp_path / "two" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "two" / "rank1.pt", weights_only=True)
+    for k, v in one.items():
+        assert torch.equal(rank0[k], rank1[k])
+        torch.testing.assert_close(rank0[k], v, rtol=0, atol=1e-5)
+    for name in ("train", "val-KADID10K"):  # each rank wrote its share of the rows: together the whole
+        [a], [b] = entries(tmp_path / "two" / "cache", name=name), entries(tmp_path / "one" / "cache", name=name)
+        assert np.array_equal(np.load(a / "similarity.npy"), np.load(b / "similarity.npy"))
+    assert validations(tmp_path / "two") == validations(tmp_path / "one")
