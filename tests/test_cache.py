@@ -222,7 +222,7 @@ def test_two_processes_build_the_same_cache_and_train_alike(square, square_s1, t
     root = Path(__file__).resolve().parents[1]
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER.format(root=str(root)))
-    common = {"stage1_dir": square_s1, "cache": "true", "total_iter": 4, "val_every": 2, **EXACT}
+    common = {"stage1_dir": square_s1, "cache": "true", "total_iter": 4, "val_every": 2, "lr.fidelity": 1e-2, **EXACT}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
            *args(square, tmp_path / "two", batch_size=2, **common)]
