@@ -4,8 +4,10 @@
     torchrun --nproc_per_node=4 train_stage2.py --config configs/s2.json --batch_size=32   # same global batch 128
 
 Each triplet is ranked by raw fidelity F(x1, y) vs F(x2, y) (lower is better): loss L(p12, g12),
-averaged over the global batch. CLIP runs without autograd, every distinct image of a micro-batch once.
-AdamW group `fidelity`. The run folder gets the official `net_dhead.pth`; its config.json names the
+averaged over the global batch. CLIP runs without autograd, every distinct image of a micro-batch once;
+with `cache: true` (the published config) every distinct image and augmentation goes through CLIP once before
+training, and the steps read the pairs' S1, S2 from the cache (README, "Cached statistics"). AdamW group
+`fidelity`. The run folder gets the official `net_dhead.pth`; its config.json names the
 stage-1 folder (`stage1_dir`), so `load_afine(None, out_dir, ...)` finds the CLIP there, and built_on.json
 records the digest of the CLIP it was trained on.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from afine import training
+from afine import cache, training
 from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import build_clip, read_clip_file, run_file, state_dict_for_saving
 from afine.config import TRADITIONAL, RunConfig
@@ -44,6 +46,8 @@ class Stage2Config(RunConfig):
     train_datasets: list[str] = field(default_factory=lambda: list(TRADITIONAL))
     val_datasets: list[str] = field(default_factory=lambda: list(TRADITIONAL))
     stage1_dir: str = "runs/s1"  # stage-1 run folder (clip_model.pth)
+    cache: bool = False  # train on the frozen CLIP's cached statistics (same result, many times faster)
+    cache_dir: str = ""  # where the cache lives; "": out_dir/cache (share one between runs on the same stage 1)
     lr: Stage2LR = field(default_factory=Stage2LR)
 
 
@@ -78,6 +82,21 @@ def validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[tor
     return fidelity_scores(model, batch, run.dist.device, run.cfg.amp)
 
 
+def cached_fidelity_scores(model: AFINE, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F(x1, y), F(x2, y)) from the pairs' cached S1, S2 (float16) with the head's current weights (float32)."""
+    s1, s2 = batch["similarity"].to(device).float().flatten(0, 1).chunk(2, dim=1)
+    return model.fidelity.from_similarities(s1, s2).chunk(2)
+
+
+def cached_losses(model: AFINE, batch: dict, device: torch.device) -> torch.Tensor:
+    f1, f2 = cached_fidelity_scores(model, batch, device)
+    return rank_loss(f1, f2, batch["g12"].to(device))
+
+
+def cached_validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[torch.Tensor, torch.Tensor]:
+    return cached_fidelity_scores(model, batch, run.dist.device)
+
+
 def official_files(model: AFINE) -> dict[str, object]:
     return {"net_dhead.pth": {"params": state_dict_for_saving(model.fidelity)}}
 
@@ -100,15 +119,22 @@ def train(cfg: Stage2Config, d: Dist) -> AFINE:
     built_on = training.file_digests([Path(cfg.stage1_dir) / "clip_model.pth"])
 
     with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, built_on) as run:
-        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, validation_scores, model):
+        caches, scores = None, validation_scores
+        if cfg.cache:  # S1, S2 of every (pair, augmentation) through the frozen CLIP once, or read from cache_dir
+            train_cache, caches = cache.open_caches(cache.SIMILARITY, cfg, data, val_sets, model, built_on, d)
+            scores = cached_validation_scores
+        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, scores, model, caches):
             training.write_best(run, official_files(model))
-        loader = training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
+        loader = None if cfg.cache else \
+            training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
         for step in range(run.step, cfg.total_iter):
-            # this rank's share of global batch `step`, as same-shape micro-batches; gradients accumulate
+            # this rank's share of global batch `step` (as same-shape micro-batches for CLIP); gradients accumulate
             loss_sum = torch.zeros((), device=d.device)
-            for _ in batches.micro_batches(step):
-                batch = next(loader)
-                losses = triplet_losses(model, batch, d.device, cfg.amp)
+            for keys in [batches.keys(step)] if cfg.cache else batches.micro_batches(step):
+                if cfg.cache:  # the step's triplets and augmentations, read from the cache
+                    losses = cached_losses(model, train_cache.read(keys), d.device)
+                else:  # decoded, augmented and encoded
+                    losses = triplet_losses(model, next(loader), d.device, cfg.amp)
                 scaler.scale(losses.sum() / batches.global_batch).backward()
                 loss_sum += losses.detach().sum()
             loss, grad_norm = training.sync_gradients(run, params, loss_sum, batches.global_batch, scaler)
@@ -120,7 +146,7 @@ def train(cfg: Stage2Config, d: Dist) -> AFINE:
             training.log_step(run, loss, lrs, grad_norm)
 
             if cfg.val_every and training.due(run.step, cfg.val_every, cfg.total_iter) and \
-                    training.validate(run, val_sets, validation_scores, model):
+                    training.validate(run, val_sets, scores, model, caches):
                 training.write_best(run, official_files(model))
             if training.due(run.step, cfg.save_every, cfg.total_iter):
                 training.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)

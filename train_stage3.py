@@ -5,11 +5,13 @@
 
 Each triplet is ranked by D(x1, y) vs D(x2, y) (lower is better), D = F + exp(k (N(y) - N(x))) N(x)
 with mapped N and F: loss L(p12, g12), averaged over the global batch. CLIP and both heads are frozen
-and run without autograd (every distinct image of a micro-batch once); only the five mapping/adapter
-scalars train, AdamW groups `natural_scale`, `fidelity_scale`, `adapter`. The NR mapping starts at
-(nr_yita3, nr_yita4) or at fit_gamma's {"yita3", "yita4"} (nr_init_file); the FR mapping at (0.5, 0.15),
-k at 5. The run folder gets `net_scale_nr.pth`, `net_scale_fr.pth`, `net_finalscore.pth` and the merged
-`afine.pth`; built_on.json records the digests of the stage-1 and stage-2 files it was trained on.
+and run without autograd (every distinct image of a micro-batch once); with `cache: true` (the published
+config) N_raw and F_raw of every distinct (pair, augmentation) are computed once before training and the steps
+read them (README, "Cached statistics"). Only the five mapping/adapter scalars train, AdamW groups
+`natural_scale`, `fidelity_scale`, `adapter`. The NR mapping starts at (nr_yita3, nr_yita4) or at fit_gamma's
+{"yita3", "yita4"} (nr_init_file); the FR mapping at (0.5, 0.15), k at 5. The run folder gets
+`net_scale_nr.pth`, `net_scale_fr.pth`, `net_finalscore.pth` and the merged `afine.pth`; built_on.json
+records the digests of the stage-1 and stage-2 files it was trained on.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from afine import training
+from afine import cache, training
 from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import (
     PART_FILES,
@@ -62,6 +64,8 @@ class Stage3Config(RunConfig):
     nr_yita3: float = 4.9592  # NR-mapping start (the published fit_gamma values) ...
     nr_yita4: float = 21.5968
     nr_init_file: str = ""  # ... or fit_gamma's JSON output {"yita3": ..., "yita4": ...}, which then wins
+    cache: bool = False  # train on the frozen networks' cached N_raw and F_raw (same result, many times faster)
+    cache_dir: str = ""  # where the cache lives; "": out_dir/cache (share one between runs on the same stages)
     lr: Stage3LR = field(default_factory=Stage3LR)
 
 
@@ -141,6 +145,21 @@ def validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[tor
     return distortion_scores(model, batch, run.dist.device, run.cfg.amp)
 
 
+def cached_distortion_scores(model: AFINE, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D(x1, y), D(x2, y)) from the cached N_raw(x1), N_raw(x2), N_raw(y), F_raw(x1, y), F_raw(x2, y)."""
+    n, f = batch["natural"].to(device), batch["fidelity"].to(device)  # [3, B], [2, B]
+    return model.terms(n[:2].flatten(), n[2].repeat(2), f.flatten())["afine_all"].chunk(2)
+
+
+def cached_losses(model: AFINE, batch: dict, device: torch.device) -> torch.Tensor:
+    d1, d2 = cached_distortion_scores(model, batch, device)
+    return rank_loss(d1, d2, batch["g12"].to(device))
+
+
+def cached_validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[torch.Tensor, torch.Tensor]:
+    return cached_distortion_scores(model, batch, run.dist.device)
+
+
 def official_files(model: AFINE) -> dict[str, object]:
     """The three per-network files and the merged afine.pth (the six parts, as released)."""
     parts = {part: state_dict_for_saving(module) for part, module in model.parts().items()}
@@ -170,15 +189,22 @@ def train(cfg: Stage3Config, d: Dist) -> AFINE:
     built_on = training.file_digests(frozen_files(cfg))
 
     with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, built_on) as run:
-        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, validation_scores, model):
+        caches, scores = None, validation_scores
+        if cfg.cache:  # N_raw, F_raw of every (pair, augmentation) through the frozen networks once, or from cache_dir
+            train_cache, caches = cache.open_caches(cache.SCORES, cfg, data, val_sets, model, built_on, d)
+            scores = cached_validation_scores
+        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, scores, model, caches):
             training.write_best(run, official_files(model))
-        loader = training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
+        loader = None if cfg.cache else \
+            training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
         for step in range(run.step, cfg.total_iter):
-            # this rank's share of global batch `step`, as same-shape micro-batches; gradients accumulate
+            # this rank's share of global batch `step` (as same-shape micro-batches for CLIP); gradients accumulate
             loss_sum = torch.zeros((), device=d.device)
-            for _ in batches.micro_batches(step):
-                batch = next(loader)
-                losses = triplet_losses(model, batch, d.device, cfg.amp)
+            for keys in [batches.keys(step)] if cfg.cache else batches.micro_batches(step):
+                if cfg.cache:  # the step's triplets and augmentations, read from the cache
+                    losses = cached_losses(model, train_cache.read(keys), d.device)
+                else:  # decoded, augmented and encoded
+                    losses = triplet_losses(model, next(loader), d.device, cfg.amp)
                 scaler.scale(losses.sum() / batches.global_batch).backward()
                 loss_sum += losses.detach().sum()
             loss, grad_norm = training.sync_gradients(run, params, loss_sum, batches.global_batch, scaler)
@@ -190,7 +216,7 @@ def train(cfg: Stage3Config, d: Dist) -> AFINE:
             training.log_step(run, loss, lrs, grad_norm)
 
             if cfg.val_every and training.due(run.step, cfg.val_every, cfg.total_iter) and \
-                    training.validate(run, val_sets, validation_scores, model):
+                    training.validate(run, val_sets, scores, model, caches):
                 training.write_best(run, official_files(model))
             if training.due(run.step, cfg.save_every, cfg.total_iter):
                 training.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)

@@ -57,15 +57,24 @@ class FidelityHead(nn.Module):
         total = a.sum() + b.sum() + C
         return a / total, b / total
 
+    def similarities(self, x: torch.Tensor, x_features: torch.Tensor, y: torch.Tensor,
+                     y_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """S1, S2 [B, sum(chns)] of every level and channel (pixels first, then the blocks): all that F takes
+        from the images. They do not depend on the head's weights, so training on a frozen CLIP can compute
+        them once (README, "Cached statistics")."""
+        s1_pix, s2_pix = similarity(pixel_tokens(x, self.mean, self.std), pixel_tokens(y, self.mean, self.std))
+        s1, s2 = similarity(x_features.relu(), y_features.relu())  # [B, L, W]
+        return torch.cat([s1_pix, s1.flatten(1)], dim=1), torch.cat([s2_pix, s2.flatten(1)], dim=1)
+
+    def from_similarities(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        """Raw F [B] from S1, S2 [B, sum(chns)] with the head's current weights."""
+        a, b = self.channel_weights()
+        return 1 - (s1 * a + s2 * b).sum(dim=1)
+
     def forward(self, x: torch.Tensor, x_features: torch.Tensor, y: torch.Tensor,
                 y_features: torch.Tensor) -> torch.Tensor:
         """Test x and reference y (normalised images [B, 3, H, W] and CLIP features [B, L, T, W]) -> raw F [B].
 
         A reference batch of 1 is broadcast against every test image.
         """
-        s1_pix, s2_pix = similarity(pixel_tokens(x, self.mean, self.std), pixel_tokens(y, self.mean, self.std))
-        s1, s2 = similarity(x_features.relu(), y_features.relu())  # [B, L, W]
-        s1 = torch.cat([s1_pix, s1.flatten(1)], dim=1)
-        s2 = torch.cat([s2_pix, s2.flatten(1)], dim=1)
-        a, b = self.channel_weights()
-        return 1 - (s1 * a + s2 * b).sum(dim=1)
+        return self.from_similarities(*self.similarities(x, x_features, y, y_features))

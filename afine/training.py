@@ -345,16 +345,23 @@ def log(run: Run, record: dict) -> None:
 
 
 @torch.no_grad()
-def validate(run: Run, sets: list[tuple[str, TripletDataset]], scores: Callable, model: nn.Module) -> bool:
+def validate(run: Run, sets: list[tuple[str, TripletDataset]], scores: Callable, model: nn.Module,
+             caches: list | None = None) -> bool:
     """2AFC accuracy of g12 per validation list and per dataset, and their mean over datasets; logged.
-    Every rank scores its share of the shape-grouped batches; the counts are summed over ranks.
+    Every rank scores its share of the shape-grouped batches, or with `caches` (one afine.cache.CachedList per
+    list) of the lists' cached statistics; the counts are summed over ranks.
     `scores(model, batch, run)` -> (u1, u2), lower is better. Returns whether the mean is the best so far."""
     tick, cfg, d = time.perf_counter(), run.cfg, run.dist
     cap = min(cfg.batch_size, max(1, cfg.micro_batch // 3)) if cfg.micro_batch else cfg.batch_size
     counts = torch.zeros(len(sets), 2, dtype=torch.float64)
     for k, (_, data) in enumerate(sets):
-        mine = shape_groups(list(range(len(data))), data.shape, cap)[d.rank::d.world_size]
-        for batch in loader(data, mine, cfg.workers, d.device):
+        if caches is None:  # images decoded and encoded, grouped by shape
+            mine = shape_groups(list(range(len(data))), data.shape, cap)[d.rank::d.world_size]
+            batches = loader(data, mine, cfg.workers, d.device)
+        else:  # the frozen networks' statistics, read from the list's cache
+            mine = [list(range(i, min(i + cap, len(data)))) for i in range(0, len(data), cap)][d.rank::d.world_size]
+            batches = map(caches[k].read, mine)
+        for batch in batches:
             u1, u2 = scores(model, batch, run)
             _, correct, pairs = two_afc_accuracy(u1.float().cpu(), u2.float().cpu(), batch["g12"])
             counts[k] += torch.tensor([correct, pairs], dtype=torch.float64)

@@ -1,0 +1,241 @@
+"""Stages 2 and 3 on cached statistics of the frozen networks: the same triplets, augmentations and result as
+the uncached path, a cache keyed by the frozen files, rebuilt when half-written, and bitwise resume."""
+# ruff: noqa: F811 - the fixtures imported from test_train are taken as test parameters of the same names
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_stage1
+import train_stage2
+import train_stage3
+from afine import cache
+from afine.batches import GlobalBatches
+from afine.datasets import TripletDataset, collate_triplets
+from afine.distributed import Dist
+from tests.test_train import (  # noqa: F401 - module-scoped fixtures shared with test_train
+    args,
+    one_thread,
+    square,
+    stage1_config,
+    stage1_run,
+    stage2_config,
+    stage2_run,
+    stage3_config,
+    synth,
+    weights,
+)
+
+CPU = torch.device("cpu")
+# Adam's eps at 1e-3 (as in test_train_distributed): with the published 1e-8 an update is +-lr for any gradient,
+# so an entry whose gradient is rounding noise (float16 storage, another summation order) moves by lr either
+# way (after 4 steps at lr 1e-2 the runs then differ by 1e-4 in alpha); at 1e-3 the updates follow the gradients,
+# which move alpha by up to 1.5e-3 in 4 steps while the two runs differ by about 2e-6.
+EXACT = {"optim.eps": 1e-3}
+
+
+def trained(model, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in weights(model).items() if k.startswith(prefixes)}
+
+
+def validations(out: Path) -> list[tuple[int, dict]]:
+    return [(r["step"], r["val"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "val" in r]
+
+
+def entries(root: Path, kind: str = cache.SIMILARITY, name: str = "train") -> list[Path]:
+    return sorted(root.glob(f"{kind}-{name}-*"))
+
+
+def assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- same result
+
+
+def test_stage2_cached_run_ends_where_the_uncached_run_ends(synth, stage1_run, tmp_path):
+    over = dict(train_datasets="PIPAL", val_datasets="PIPAL", batch_size=8, total_iter=4, val_every=2, **EXACT)
+    start = trained(train_stage2.build_model(stage2_config(synth, tmp_path / "x", stage1_run, **over)), ("fidelity",))
+    plain = trained(train_stage2.train(stage2_config(synth, tmp_path / "plain", stage1_run, **over), Dist()),
+                    ("fidelity",))
+    model = train_stage2.train(stage2_config(synth, tmp_path / "cached", stage1_run, cache="true", **over), Dist())
+    cached = trained(model, ("fidelity",))
+    assert_close(cached, plain, atol=1e-4)
+    assert all((plain[k] - start[k]).abs().max() > 1e-3 for k in ("fidelity.alpha", "fidelity.beta"))  # trained
+    assert validations(tmp_path / "cached") == validations(tmp_path / "plain")
+    assert [s for s, _ in validations(tmp_path / "plain")] == [0, 2, 4]
+    [entry] = entries(tmp_path / "cached" / "cache")  # default place: inside the run folder
+    assert (entry / "manifest.json").is_file() and len(entries(tmp_path / "cached" / "cache", name="val-PIPAL")) == 1
+
+    # row level: a step's F from the float16 cache against the CLIP path, on the same triplets and augmentations
+    cfg = stage2_config(synth, tmp_path / "cached", stage1_run, cache="true", **over)
+    data = TripletDataset.from_lists(synth, ["PIPAL"], "Train", seed=0)
+    listed = cache.open_or_build(cache.SIMILARITY, tmp_path / "cached" / "cache", "train", data, model,
+                                 json.loads((tmp_path / "cached" / "built_on.json").read_text()), Dist())
+    assert listed.folder == entry  # found, not rebuilt
+    plan = GlobalBatches(len(data), data.shape, 8, seed=0)
+    table = cache.pair_table(data)
+    same = {p for p, (x, y) in enumerate(table.pairs) if x == y}
+    assert same  # the references are among the test images
+    for step in (0, 5):  # epochs 0 and 1: other augmentations
+        for keys in plan.micro_batches(step):
+            f_clip = torch.cat(train_stage2.fidelity_scores(model, collate_triplets([data[k] for k in keys]), CPU,
+                                                            cfg.amp))
+            f_cached = torch.cat(train_stage2.cached_fidelity_scores(model, listed.read(keys), CPU))
+            torch.testing.assert_close(f_cached, f_clip, rtol=0, atol=5e-4)
+    rows = np.asarray(listed.arrays["similarity.npy"][sorted(same)])
+    assert (rows == 1).all()  # a pair of an image with itself: S1 = S2 = 1, as the head computes them
+
+
+def test_stage3_cached_run_ends_where_the_uncached_run_ends(synth, stage2_run, tmp_path):
+    over = dict(train_datasets="PIPAL", val_datasets="PIPAL,DiffIQA", batch_size=8, total_iter=4, val_every=2)
+    names = ("natural_scale", "fidelity_scale", "adapter")
+    cfg = stage3_config(synth, tmp_path / "x", stage2_run, **over)
+    train_stage3.resolve_stage_dirs(cfg)
+    start = trained(train_stage3.build_model(cfg), names)
+    plain = trained(train_stage3.train(stage3_config(synth, tmp_path / "plain", stage2_run, **over), Dist()), names)
+    cached = trained(train_stage3.train(stage3_config(synth, tmp_path / "cached", stage2_run, cache="true", **over),
+                                        Dist()), names)
+    assert_close(cached, plain, atol=1e-4)
+    assert all((plain[k] - start[k]).abs().max() > 1e-3 for k in plain)
+    assert validations(tmp_path / "cached") == validations(tmp_path / "plain")
+    assert len(entries(tmp_path / "cached" / "cache", cache.SCORES)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- the cache folder
+
+
+@pytest.fixture(scope="module")
+def square_s1(square, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "s1"
+    train_stage1.train(stage1_config(square, out, total_iter=1), Dist())
+    return out
+
+
+def stage2(square, out, s1, **over) -> dict[str, torch.Tensor]:
+    over = {"batch_size": 4, "total_iter": 4, **EXACT, **over}
+    return trained(train_stage2.train(stage2_config(square, out, s1, **over), Dist()), ("fidelity",))
+
+
+def test_a_changed_frozen_file_gets_a_new_cache_never_the_stale_one(square, square_s1, tmp_path):
+    shared = tmp_path / "cache"
+    s1 = tmp_path / "s1"
+    shutil.copytree(square_s1, s1)
+    stage2(square, tmp_path / "a", s1, cache="true", cache_dir=shared)
+    [old] = entries(shared)
+    stage2(square, tmp_path / "b", square_s1, cache="true", cache_dir=shared)  # the same CLIP in another folder
+    assert entries(shared) == [old]
+    clip = torch.load(s1 / "clip_model.pth", weights_only=True)
+    clip["visual.ln_pre.bias"] += 0.5
+    torch.save(clip, s1 / "clip_model.pth")
+    cached = stage2(square, tmp_path / "c", s1, cache="true", cache_dir=shared)
+    plain = stage2(square, tmp_path / "d", s1)
+    assert len(entries(shared)) == 2  # a new entry; the old one still serves runs on the old CLIP
+    assert_close(cached, plain, atol=1e-4)
+    # the run folder's own cache keeps only the current entry
+    stage2(square, tmp_path / "a", s1, cache="true", resume="false", overwrite="true")
+    assert len(entries(tmp_path / "a" / "cache")) == 1
+
+
+def test_a_half_written_cache_is_rebuilt(square, square_s1, tmp_path, monkeypatch):
+    reference = stage2(square, tmp_path / "ref", square_s1, cache="true")
+    write = cache._write_similarities
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while writing the rows
+        return write(*a, **k)
+
+    monkeypatch.setattr(cache, "_write_similarities", dying)
+    with pytest.raises(KeyboardInterrupt):
+        stage2(square, tmp_path / "run", square_s1, cache="true")
+    monkeypatch.undo()
+    [entry] = entries(tmp_path / "run" / "cache")
+    assert not (entry / "manifest.json").exists()
+    again = stage2(square, tmp_path / "run", square_s1, cache="true")
+    assert all(torch.equal(again[k], v) for k, v in reference.items())
+    assert (entry / "manifest.json").is_file()
+    (entry / "similarity.npy").write_bytes(b"truncated")  # damaged after the manifest: sizes no longer match
+    assert not cache.is_complete(entry, json.loads((entry / "manifest.json").read_text())["key"])
+
+
+def test_killed_cached_run_resumes_bitwise(square, square_s1, tmp_path, monkeypatch):
+    over = {"total_iter": 8, "save_every": 2, "cache": "true", "cache_dir": tmp_path / "cache"}
+    reference = stage2(square, tmp_path / "a", square_s1, **over)
+    losses = train_stage2.cached_losses
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return losses(*a, **k)
+
+    monkeypatch.setattr(train_stage2, "cached_losses", dying)
+    with pytest.raises(KeyboardInterrupt):
+        stage2(square, tmp_path / "b", square_s1, **over)
+    monkeypatch.undo()
+    resumed = stage2(square, tmp_path / "b", square_s1, **over)
+    assert all(torch.equal(resumed[k], v) for k, v in reference.items())
+    assert len(entries(tmp_path / "cache")) == 1
+
+
+def test_an_unusable_cache_dir_is_a_one_line_error(square, square_s1, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = args(square, tmp_path / "s2", stage1_dir=square_s1, cache="true", cache_dir=tmp_path / "file")
+    assert train_stage2.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the training progress bar
+    assert last.startswith("error: ") and f"{tmp_path / 'file'}: cannot use as cache_dir" in last
+
+
+RUNNER = """
+import sys
+import torch
+sys.path.insert(0, {root!r})
+import train_stage2
+from afine import config, distributed
+
+torch.set_num_threads(1)
+cfg = config.parse_args(train_stage2.Stage2Config, sys.argv[1:])
+d = distributed.setup(cfg.device)
+model = train_stage2.train(cfg, d)
+torch.save(model.state_dict(), f"{{cfg.out_dir}}/rank{{d.rank}}.pt")
+distributed.close(d)
+"""
+
+
+def test_two_processes_build_the_same_cache_and_train_alike(square, square_s1, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER.format(root=str(root)))
+    common = {"stage1_dir": square_s1, "cache": "true", "total_iter": 4, "val_every": 2, "lr.fidelity": 1e-2, **EXACT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
+           *args(square, tmp_path / "two", batch_size=2, **common)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = trained(train_stage2.train(stage2_config(square, tmp_path / "one", square_s1, batch_size=4, **{
+        k: v for k, v in common.items() if k != "stage1_dir"}), Dist()), ("fidelity",))
+    rank0 = torch.load(tmp_path / "two" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "two" / "rank1.pt", weights_only=True)
+    for k, v in one.items():
+        assert torch.equal(rank0[k], rank1[k])
+        torch.testing.assert_close(rank0[k], v, rtol=0, atol=1e-5)
+    for name in ("train", "val-KADID10K"):  # each rank wrote its share of the rows: together the whole
+        [a], [b] = entries(tmp_path / "two" / "cache", name=name), entries(tmp_path / "one" / "cache", name=name)
+        assert np.array_equal(np.load(a / "similarity.npy"), np.load(b / "similarity.npy"))
+    assert validations(tmp_path / "two") == validations(tmp_path / "one")
