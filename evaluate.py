@@ -35,6 +35,7 @@ from afine.atomic import check_writable, write_json
 from afine.benchmarks import Indexes, dataset_of, load_benchmark, missing_folder, parse_benchmarks
 from afine.errors import AfineError, ArgumentParser, command
 from afine.evaluation import (
+    DEFAULT_CLIP,
     STAGE_PARTS,
     TermCache,
     add_model_arguments,
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if not benches:
             raise AfineError(f"{args.data_root}: none of the benchmark dataset folders is present")
         device = pick_device(args.device, init_distributed(args.device))
-        model = load_afine(args.clip, args.weights, require=STAGE_PARTS[args.stage]).to(device)
+        model = load_afine(args.clip, args.weights, require=STAGE_PARTS[args.stage], default_clip=DEFAULT_CLIP)
+        model = model.to(device)
         cache = TermCache()
         start = time.perf_counter()
         results = evaluate(model, benches, args.stage, cache, batch_size=args.batch_size, device=device,

@@ -35,6 +35,7 @@ from afine.benchmarks import Indexes, sriqa_scene
 from afine.datasets import ImageIndex, dataset_dir, images_dir, sriqa_mos_files
 from afine.errors import AfineError, ArgumentParser, command
 from afine.evaluation import (
+    DEFAULT_CLIP,
     STAGE_PARTS,
     add_model_arguments,
     check_model_arguments,
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         stage, data, e1, e2, names = MODES[args.mode]
         items, y = data(args.data_root)
         device = pick_device(args.device, init_distributed(args.device))
-        model = load_afine(args.clip, args.weights, require=STAGE_PARTS[stage]).to(device)
+        model = load_afine(args.clip, args.weights, require=STAGE_PARTS[stage], default_clip=DEFAULT_CLIP).to(device)
         x = score_items(model, items, stage, batch_size=args.batch_size, device=device, workers=args.workers,
                         progress=not args.no_progress, desc=args.mode)
         g3, g4, rmse = fit_logistic(x, y, e1, e2)

@@ -319,14 +319,16 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
+DEFAULT_CLIP = "data/ViT-B-32.pt"  # as in the training configs; read only when the weights hold no CLIP
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of evaluate.py and fit_gamma.py; the defaults are the training configs' paths."""
     parser.add_argument("--data-root", default="data", help="folder holding the dataset folders (default data)")
     parser.add_argument("--weights", default="data/afine.pth",
                         help="merged afine.pth or a training run folder (default data/afine.pth)")
-    parser.add_argument("--clip", default="data/ViT-B-32.pt",
-                        help="CLIP checkpoint, read only if the weights hold no fine-tuned CLIP "
-                        "(default data/ViT-B-32.pt)")
+    parser.add_argument("--clip", help="CLIP checkpoint, if the weights hold no fine-tuned CLIP "
+                        f"(default {DEFAULT_CLIP})")
     parser.add_argument("--batch-size", type=int, default=16, help="images per CLIP batch (default 16)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="image-decoding DataLoader workers (default min(4, cores))")

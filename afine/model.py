@@ -86,22 +86,27 @@ class AFINE(nn.Module):
         return {part: self.clip if part == "finetuned_clip" else getattr(self, part) for part in PART_FILES}
 
 
-def load_afine(clip: str | Path | None, weights: str | Path | None, require: tuple[str, ...] = HEADS) -> AFINE:
+def load_afine(clip: str | Path | None, weights: str | Path | None, require: tuple[str, ...] = HEADS,
+               default_clip: str | Path | None = None) -> AFINE:
     """An A-FINE model from a CLIP checkpoint and A-FINE weights (merged `afine.pth` or a folder of files).
 
     The fine-tuned CLIP inside the weights, when present, replaces the CLIP checkpoint's weights.
     `require` names the parts the caller needs; a missing one is an AfineError naming the weights path.
+    `default_clip` is read when no `clip` is given and the weights hold no fine-tuned CLIP.
     """
     parts, sources = read_afine_parts(weights) if weights is not None else ({}, {})
     missing = [p for p in require if p not in parts]
     if missing:
         raise AfineError(f"{weights}: A-FINE parts missing: {', '.join(missing)}")
+    if clip is not None and not Path(clip).is_file():
+        raise AfineError(f"{clip}: CLIP checkpoint not found")
     if "finetuned_clip" in parts:
         clip_state, clip_source = parts.pop("finetuned_clip"), sources["finetuned_clip"]
-    elif clip is not None:
+    elif clip is not None or default_clip is not None:
+        clip = clip if clip is not None else default_clip
         if not Path(clip).is_file():
-            raise AfineError(f"{clip}: CLIP checkpoint not found ({weights or 'the weights'} hold no fine-tuned "
-                             "CLIP; --clip points to one)")
+            raise AfineError(f"{clip}: CLIP checkpoint not found ({weights} holds no fine-tuned CLIP; --clip points "
+                             "to one)")
         clip_state, clip_source = read_clip_file(clip), str(clip)
     else:
         raise AfineError(f"{weights}: holds no fine-tuned CLIP; give the CLIP checkpoint (--clip)")

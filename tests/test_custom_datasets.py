@@ -200,7 +200,7 @@ BAD_ROWS = {  # case -> (rows after the header line, line at fault, words the me
     "stem_collision": (["results/scene0_m0.png,hr/scene0.png,1", "results/scene1_m0.png,hr/scene0.bmp,2"], 3,
                        "share the stem 'scene0'"),
     "size_mismatch": (["results/scene0_m0.png,hr/scene0.png,1", "other/small.png,hr/scene1.png,2"], 3,
-                      "16x8 but its reference 'scene1.png' is 56x40"),
+                      "64x40 but its reference 'scene1.png' is 56x40"),
     "broken_image": (["results/scene0_m0.png,hr/scene0.png,1", "other/broken.png,hr/scene1.png,2"], 3,
                      "cannot read image"),
     "wrong_field_count": (["results/scene0_m0.png,hr/scene0.png,1,0.3"], 2, "expected 3 fields"),
@@ -213,7 +213,7 @@ def test_bad_csv_rows_name_file_and_line_exit_2(source, tmp_path, capsys, case):
     work = tmp_path / "work"
     shutil.copytree(folder, work)
     save(work / "other" / "scene0_m0.png", np.zeros((40, 56, 3)))
-    save(work / "other" / "small.png", np.zeros((8, 16, 3)))
+    save(work / "other" / "small.png", np.zeros((40, 64, 3)))  # not under 32x32, which would add a warning
     save(work / "hr" / "scene0.bmp", np.zeros((40, 56, 3)))
     (work / "other" / "broken.png").write_bytes(b"not an image")
     rows, line, words = BAD_ROWS[case]

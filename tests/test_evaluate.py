@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,8 +209,10 @@ def test_cached_accuracies_equal_direct_scoring(corpus, stage, names, batch_size
         u1 = np.array([scores[(bench.x1[i], bench.y[i])] for i in keep])
         u2 = np.array([scores[(bench.x2[i], bench.y[i])] for i in keep])
         d1, d2 = direct(model, bench, stage, keep)
-        np.testing.assert_allclose(u1, d1, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(u2, d2, rtol=1e-4, atol=1e-5)
+        # D sums terms that reach tens here and can cancel: float32 rounding is relative to the largest of them
+        atol = 1e-5 + 1e-6 * max(np.abs(d1).max(), np.abs(d2).max())
+        np.testing.assert_allclose(u1, d1, rtol=1e-4, atol=atol)
+        np.testing.assert_allclose(u2, d2, rtol=1e-4, atol=atol)
         g = np.asarray(bench.g)[keep]
         assert two_afc_accuracy(u1, u2, g) == two_afc_accuracy(d1, d2, g), bench.name
 
@@ -329,3 +332,15 @@ def test_defaults_are_the_training_paths_and_both_spellings_work(tmp_path, monke
     for spelling in ("--data_root", "--data-root", "--data_root=elsewhere"):
         assert main(["--bench", "all", *([spelling, "elsewhere"] if "=" not in spelling else [spelling])]) == 2
         assert "elsewhere: data folder not found" in capsys.readouterr().err
+
+
+def test_the_default_clip_is_read_only_when_the_weights_hold_none(corpus, tmp_path, monkeypatch, capsys):
+    data, paths = corpus
+    monkeypatch.chdir(tmp_path)  # no data/ViT-B-32.pt here: fine while the weights hold their own CLIP
+    assert main(["--bench", "kadid10k", "--data-root", str(data), "--weights", str(paths["afine"]),
+                 "--no-progress"]) == 0
+    heads = tmp_path / "heads"
+    shutil.copytree(paths["folder"], heads)
+    (heads / "clip_model.pth").unlink()
+    assert main(["--bench", "kadid10k", "--data-root", str(data), "--weights", str(heads), "--no-progress"]) == 2
+    assert "data/ViT-B-32.pt: CLIP checkpoint not found" in capsys.readouterr().err
