@@ -31,6 +31,7 @@ from tests.test_train import (  # noqa: F401 - module-scoped fixtures shared wit
     synth,
     weights,
 )
+from tests.test_train_distributed import RUNNER
 
 CPU = torch.device("cpu")
 # Adam's eps at 1e-3 (as in test_train_distributed): with the published 1e-8 an update is +-lr for any gradient,
@@ -198,20 +199,6 @@ def test_an_unusable_cache_dir_is_a_one_line_error(square, square_s1, tmp_path, 
     assert last.startswith("error: ") and f"{tmp_path / 'file'}: cannot use as cache_dir" in last
 
 
-RUNNER = """
-import sys
-import torch
-sys.path.insert(0, {root!r})
-import train_stage2
-from afine import config, distributed
-
-torch.set_num_threads(1)
-cfg = config.parse_args(train_stage2.Stage2Config, sys.argv[1:])
-d = distributed.setup(cfg.device)
-model = train_stage2.train(cfg, d)
-torch.save(model.state_dict(), f"{{cfg.out_dir}}/rank{{d.rank}}.pt")
-distributed.close(d)
-"""
 
 
 def test_two_processes_build_the_same_cache_and_train_alike(square, square_s1, tmp_path):
@@ -221,7 +208,7 @@ def test_two_processes_build_the_same_cache_and_train_alike(square, square_s1, t
 
     root = Path(__file__).resolve().parents[1]
     runner = tmp_path / "runner.py"
-    runner.write_text(RUNNER.format(root=str(root)))
+    runner.write_text(RUNNER.format(root=str(root), stage=2))
     common = {"stage1_dir": square_s1, "cache": "true", "total_iter": 4, "val_every": 2, "lr.fidelity": 1e-2, **EXACT}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),

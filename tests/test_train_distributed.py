@@ -23,16 +23,16 @@ RUNNER = """
 import sys
 import torch
 sys.path.insert(0, {root!r})
-import train_stage1
+import train_stage{stage} as script
 from afine import config, distributed
 
 torch.set_num_threads(1)
-cfg = config.parse_args(train_stage1.Stage1Config, sys.argv[1:])
+cfg = config.parse_args(script.Stage{stage}Config, sys.argv[1:])
 d = distributed.setup(cfg.device)
-model = train_stage1.train(cfg, d)
+model = script.train(cfg, d)
 torch.save(model.state_dict(), f"{{cfg.out_dir}}/rank{{d.rank}}.pt")
 distributed.close(d)
-"""
+"""  # a torchrun entry point: train stage {stage} and save each rank's weights
 
 
 def test_two_processes_end_where_one_process_ends_on_the_same_global_batches(tmp_path):
@@ -49,7 +49,7 @@ def test_two_processes_end_where_one_process_ends_on_the_same_global_batches(tmp
               "train_datasets": datasets, "val_datasets": "KADID10K,DiffIQA", "lr.clip": 1e-2,
               "lr.natural": 1e-2, "optim.eps": 1e-2}
     runner = tmp_path / "runner.py"
-    runner.write_text(RUNNER.format(root=str(ROOT)))
+    runner.write_text(RUNNER.format(root=str(ROOT), stage=1))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
            *args(data, tmp_path / "two", batch_size=4, **common)]
