@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .atomic import reason, write_json
+from .batches import shape_groups
 from .datasets import TripletDataset, apply_augmentation
 from .distributed import Dist
 from .errors import AfineError
@@ -254,11 +255,8 @@ def units(data: TripletDataset, table: PairTable, images_per_pass: int) -> list[
     """Pairs in batches of one image shape holding at most `images_per_pass` distinct images (pairs of a
     reference together): each unit's images are decoded once and encoded once per augmentation."""
     cap = max(2, images_per_pass)
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for p in range(len(table.pairs)):
-        by_shape.setdefault(data.base_shape(int(table.first[p])), []).append(p)
     out = []
-    for pairs in by_shape.values():
+    for pairs in shape_groups(list(range(len(table.pairs))), lambda p: data.base_shape(int(table.first[p]))):
         unit: list[int] = []
         images: set[Path] = set()
         for p in pairs:
