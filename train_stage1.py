@@ -20,12 +20,12 @@ import torch
 from afine import training
 from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import clip_from_spec, state_dict_for_saving
-from afine.config import RunConfig
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.errors import AfineError
 from afine.losses import rank_loss
 from afine.model import AFINE, load_afine
+from afine.training import RunConfig
 
 
 @dataclass

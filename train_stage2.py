@@ -23,11 +23,11 @@ import torch
 from afine import cache, training
 from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import build_clip, read_clip_file, run_file, state_dict_for_saving
-from afine.config import TRADITIONAL, RunConfig
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.losses import rank_loss
 from afine.model import AFINE, load_init
+from afine.training import TRADITIONAL, RunConfig
 
 
 @dataclass

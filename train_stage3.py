@@ -35,13 +35,13 @@ from afine.checkpoint import (
     run_file,
     state_dict_for_saving,
 )
-from afine.config import RunConfig
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.errors import AfineError
 from afine.losses import rank_loss
 from afine.mapping import NaturalnessMapping
 from afine.model import AFINE, load_init
+from afine.training import RunConfig
 
 
 @dataclass

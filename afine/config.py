@@ -1,80 +1,21 @@
-"""Training configurations: one dataclass per stage, read from a JSON file plus `--key=value` overrides.
+"""Training configurations: a stage's dataclass read from a JSON file plus `--key=value` overrides.
 
     python train_stage1.py --config configs/s1.json --batch_size=16 --lr.clip=1e-5 --schedule.periods=[500,500]
 
-Defaults are the published settings (README, "Train the three stages"). Nested fields use dotted names;
-`--key value` and hyphens (`--data-root`) are accepted too. Unknown keys, wrong types and out-of-range
-values are AfineErrors naming the file or option. Standard library only.
+The dataclasses (afine.training.RunConfig and each stage script's) hold the published settings as defaults
+(README, "Train the three stages"). Nested fields use dotted names; `--key value` and hyphens (`--data-root`)
+are accepted too. Unknown keys, wrong types and out-of-range values (the class's `check()`) are AfineErrors
+naming the file or option. Standard library only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AfineError
-
-AMP = ("bf16", "fp16", "off")
-DEVICES = ("auto", "cpu", "cuda")
-ALL = ["DiffIQA", "KADID10K", "PIPAL", "TID2013"]
-TRADITIONAL = ["KADID10K", "PIPAL", "TID2013"]
-
-
-@dataclass
-class Optim:
-    """AdamW settings shared by the stage's parameter groups (each group has its own lr)."""
-
-    weight_decay: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    eps: float = 1e-8
-
-
-@dataclass
-class Schedule:
-    """Cosine annealing with restarts: period i starts at sum(periods[:i]) with peak lr restart_weights[i] * lr."""
-
-    periods: list[int] = field(default_factory=lambda: [10000, 10000, 10000, 10000])
-    restart_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.5, 0.5])
-    eta_min: float = 1e-8
-
-
-@dataclass
-class RunConfig:
-    """Fields every stage has."""
-
-    data_root: str = "data"  # folder holding DiffIQA/, KADID10K/, PIPAL/, TID2013/
-    out_dir: str = ""  # the run folder: config.json, official files, best/, state/, log.jsonl
-    seed: int = 0
-    total_iter: int = 40000
-    batch_size: int = 32  # triplets per process and micro-step: global batch = batch_size x grad_accum x processes
-    grad_accum: int = 1  # one process doing the work of several (same global batch, same result)
-    micro_batch: int = 0  # at most this many images per CLIP forward pass (3 per triplet); 0: no cap
-    amp: str = "off"  # off (float32, as published) | bf16 | fp16 (with a gradient scaler)
-    val_every: int = 1000  # 0: no validation
-    save_every: int = 1000  # training state + official files every this many steps (and at the end)
-    keep_saves: bool = False  # also keep every save's official files in saves/step_XXXXXXXX/
-    log_every: int = 10  # one log.jsonl line every this many steps
-    train_datasets: list[str] = field(default_factory=lambda: list(ALL))
-    val_datasets: list[str] = field(default_factory=lambda: list(ALL))
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    workers: int = 4  # DataLoader worker processes per rank
-    shuffle: bool = True  # false: triplets in list order every epoch (for reproducibility checks)
-    init_from: str = ""  # start the trained parts from this afine.pth or run folder (fine-tuning) instead of afresh
-    resume: bool = True  # continue the run in out_dir if it has a training state
-    overwrite: bool = False  # allowed to replace what out_dir holds when not resuming
-    optim: Optim = field(default_factory=Optim)
-    schedule: Schedule = field(default_factory=Schedule)
-    required: typing.ClassVar[tuple[str, ...]] = ()  # path fields a stage cannot do without
-
-
-# Fields a resumed run may change: they do not alter the training trajectory (the global batch is checked apart).
-RESUMABLE = ("total_iter", "val_every", "save_every", "keep_saves", "log_every", "val_datasets", "workers", "device",
-             "checkpoint_blocks", "resume", "overwrite", "data_root", "out_dir", "stage1_dir", "stage2_dir",
-             "batch_size", "grad_accum", "micro_batch", "cache", "cache_dir")
 
 
 def _coerce(value, tp, where: str):
@@ -167,45 +108,13 @@ def parse_args(cls, argv: list[str]):
             raise AfineError(f"{option}: {key!r} is a group; set its fields ({key}.<name>=...)")
         node[leaf] = _cli_value(text, hints[leaf], option)
     cfg = build(cls, raw, f"{where} + command line" if overrides else where)
-    check(cfg)
+    if hasattr(cfg, "check"):
+        cfg.check()  # the class's value checks beyond types
     return cfg
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def check(cfg) -> None:
-    """Value checks beyond types: finite numbers in range, known choices, consistent schedule."""
-    def need(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            raise AfineError(f"config key {key!r}: {why}")
-
-    need(cfg.amp in AMP, "amp", f"expected one of {', '.join(AMP)}, got {cfg.amp!r}")
-    need(cfg.device in DEVICES, "device", f"expected one of {', '.join(DEVICES)}, got {cfg.device!r}")
-    need(bool(cfg.out_dir), "out_dir", "a run folder is needed")
-    for key in ("total_iter", "batch_size", "grad_accum"):
-        need(getattr(cfg, key) >= 1, key, "must be >= 1")
-    for key in ("val_every", "save_every", "log_every", "workers", "micro_batch"):
-        need(getattr(cfg, key) >= 0, key, "must be >= 0")
-    need(bool(cfg.train_datasets), "train_datasets", "at least one dataset is needed")
-    s = cfg.schedule
-    need(bool(s.periods) and all(p >= 1 for p in s.periods), "schedule.periods", "positive step counts are needed")
-    need(len(s.restart_weights) == len(s.periods), "schedule.restart_weights",
-         f"needs one weight per period ({len(s.periods)})")
-    numbers = {"schedule.eta_min": s.eta_min, "optim.weight_decay": cfg.optim.weight_decay, "optim.eps": cfg.optim.eps,
-               **{f"schedule.restart_weights[{i}]": w for i, w in enumerate(s.restart_weights)},
-               **{f"lr.{k}": v for k, v in dataclasses.asdict(cfg.lr).items()}}
-    for key, value in numbers.items():
-        need(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0, got {value}")
-    need(cfg.optim.eps > 0, "optim.eps", "must be > 0")
-    need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
-         "expected two numbers in [0, 1)")
-    for key in cfg.required:
-        need(bool(getattr(cfg, key)), key, "a path is needed")
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        need(not isinstance(value, float) or math.isfinite(value), f.name, f"must be finite, got {value}")
 
 
 def usage(cls) -> str:

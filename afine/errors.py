@@ -10,6 +10,8 @@ import functools
 import sys
 from collections.abc import Callable
 
+from . import interrupts
+
 
 class AfineError(Exception):
     """A user-facing error whose message names the file, line or key at fault."""
@@ -29,15 +31,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def command(main: Callable[..., int]) -> Callable[..., int]:
-    """Decorate a command-line `main`: an AfineError becomes 'error: <message>' on stderr and exit code 2."""
+    """Decorate a command-line `main`: an AfineError becomes 'error: <message>' on stderr and exit code 2,
+    Ctrl-C (handled as afine.interrupts says) 'interrupted' and exit code 130."""
 
     @functools.wraps(main)
     def run(*args, **kwargs) -> int:
         try:
-            return main(*args, **kwargs)
+            with interrupts.handled():
+                return main(*args, **kwargs)
         except AfineError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
     return run
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, interrupts
 from .errors import AfineError, unwrap_worker_error
 from .image import image_size, load_image
 from .model import AFINE, HEADS
@@ -173,7 +173,7 @@ def loader(batches: list[list[Path]], workers: int, device: torch.device):
     """The plan's decoded batches in order; a worker's AfineError (a bad image) surfaces as its one line."""
     data = torch.utils.data.DataLoader(ImageBatches(batches), batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=False)
-    iterator = iter(data)
+    iterator = interrupts.start_workers(data)
     while True:
         try:
             batch = next(iterator)
@@ -184,6 +184,7 @@ def loader(batches: list[list[Path]], workers: int, device: torch.device):
             if clean is e:
                 raise
             raise clean from None
+        interrupts.raise_pending()
         yield batch
 
 

@@ -12,6 +12,7 @@ augmentation are functions of seed, epoch and index), so a state is weights, opt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -20,6 +21,7 @@ import shutil
 import socket
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import config as configs
-from . import distributed
+from . import distributed, interrupts
 from .atomic import write_json
 from .batches import shape_groups
 from .checkpoint import PART_FILES, atomic_save, load_strict, sha256
@@ -42,6 +44,101 @@ from .schedule import cosine_restart_lr
 STATE_VERSION = 2
 KEEP_STATES = 2
 OFFICIAL_FILES = (*PART_FILES.values(), "afine.pth")
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+
+AMP = ("bf16", "fp16", "off")
+DEVICES = ("auto", "cpu", "cuda")
+ALL = ["DiffIQA", "KADID10K", "PIPAL", "TID2013"]
+TRADITIONAL = ["KADID10K", "PIPAL", "TID2013"]
+
+
+@dataclass
+class Optim:
+    """AdamW settings shared by the stage's parameter groups (each group has its own lr)."""
+
+    weight_decay: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+
+
+@dataclass
+class Schedule:
+    """Cosine annealing with restarts: period i starts at sum(periods[:i]) with peak lr restart_weights[i] * lr."""
+
+    periods: list[int] = field(default_factory=lambda: [10000, 10000, 10000, 10000])
+    restart_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.5, 0.5])
+    eta_min: float = 1e-8
+
+
+@dataclass
+class RunConfig:
+    """Fields every stage has."""
+
+    data_root: str = "data"  # folder holding DiffIQA/, KADID10K/, PIPAL/, TID2013/
+    out_dir: str = ""  # the run folder: config.json, official files, best/, state/, log.jsonl
+    seed: int = 0
+    total_iter: int = 40000
+    batch_size: int = 32  # triplets per process and micro-step: global batch = batch_size x grad_accum x processes
+    grad_accum: int = 1  # one process doing the work of several (same global batch, same result)
+    micro_batch: int = 0  # at most this many images per CLIP forward pass (3 per triplet); 0: no cap
+    amp: str = "off"  # off (float32, as published) | bf16 | fp16 (with a gradient scaler)
+    val_every: int = 1000  # 0: no validation
+    save_every: int = 1000  # training state + official files every this many steps (and at the end)
+    keep_saves: bool = False  # also keep every save's official files in saves/step_XXXXXXXX/
+    log_every: int = 10  # one log.jsonl line every this many steps
+    train_datasets: list[str] = field(default_factory=lambda: list(ALL))
+    val_datasets: list[str] = field(default_factory=lambda: list(ALL))
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    workers: int = 4  # DataLoader worker processes per rank
+    shuffle: bool = True  # false: triplets in list order every epoch (for reproducibility checks)
+    init_from: str = ""  # start the trained parts from this afine.pth or run folder (fine-tuning) instead of afresh
+    resume: bool = True  # continue the run in out_dir if it has a training state
+    overwrite: bool = False  # allowed to replace what out_dir holds when not resuming
+    optim: Optim = field(default_factory=Optim)
+    schedule: Schedule = field(default_factory=Schedule)
+    required: typing.ClassVar[tuple[str, ...]] = ()  # path fields a stage cannot do without
+
+    def check(self) -> None:
+        """Value checks beyond types: finite numbers in range, known choices, consistent schedule."""
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise AfineError(f"config key {key!r}: {why}")
+
+        need(self.amp in AMP, "amp", f"expected one of {', '.join(AMP)}, got {self.amp!r}")
+        need(self.device in DEVICES, "device", f"expected one of {', '.join(DEVICES)}, got {self.device!r}")
+        need(bool(self.out_dir), "out_dir", "a run folder is needed")
+        for key in ("total_iter", "batch_size", "grad_accum"):
+            need(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("val_every", "save_every", "log_every", "workers", "micro_batch"):
+            need(getattr(self, key) >= 0, key, "must be >= 0")
+        need(bool(self.train_datasets), "train_datasets", "at least one dataset is needed")
+        s = self.schedule
+        need(bool(s.periods) and all(p >= 1 for p in s.periods), "schedule.periods", "positive step counts are needed")
+        need(len(s.restart_weights) == len(s.periods), "schedule.restart_weights",
+             f"needs one weight per period ({len(s.periods)})")
+        numbers = {"schedule.eta_min": s.eta_min, "optim.weight_decay": self.optim.weight_decay,
+                   "optim.eps": self.optim.eps,
+                   **{f"schedule.restart_weights[{i}]": w for i, w in enumerate(s.restart_weights)},
+                   **{f"lr.{k}": v for k, v in dataclasses.asdict(self.lr).items()}}
+        for key, value in numbers.items():
+            need(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0, got {value}")
+        need(self.optim.eps > 0, "optim.eps", "must be > 0")
+        need(len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas), "optim.betas",
+             "expected two numbers in [0, 1)")
+        for key in self.required:
+            need(bool(getattr(self, key)), key, "a path is needed")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value), f.name, f"must be finite, got {value}")
+
+
+# Fields a resumed run may change: they do not alter the training trajectory (the global batch is checked apart).
+RESUMABLE = ("total_iter", "val_every", "save_every", "keep_saves", "log_every", "val_datasets", "workers", "device",
+             "checkpoint_blocks", "resume", "overwrite", "data_root", "out_dir", "stage1_dir", "stage2_dir",
+             "batch_size", "grad_accum", "micro_batch", "cache", "cache_dir")
 
 
 # ---------------------------------------------------------------------------------------------- model and data
@@ -83,8 +180,12 @@ def validation_sets(data_root: str | Path, datasets: list[str]) -> list[tuple[st
 
 def loader(data: TripletDataset, batches, workers: int, device: torch.device) -> Iterator[dict]:
     """Collated batches for the lists of triplet keys `batches` yields, decoded by `workers` processes."""
-    return iter(torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate_triplets,
-                                            num_workers=workers, pin_memory=device.type == "cuda"))
+    iterator = interrupts.start_workers(torch.utils.data.DataLoader(
+        data, batch_sampler=batches, collate_fn=collate_triplets, num_workers=workers,
+        pin_memory=device.type == "cuda"))
+    for batch in iterator:
+        interrupts.raise_pending()
+        yield batch
 
 
 def file_digests(paths: list[Path]) -> dict[str, str]:
@@ -189,7 +290,7 @@ def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict) -> tuple[s
                 warn(f"{path}: training state damaged (size or checksum mismatch); trying the previous one")
                 continue
             changed = [k for k in configs.differences(meta.get("config", {}), configs.to_dict(cfg))
-                       if k.split(".")[0] not in configs.RESUMABLE]
+                       if k.split(".")[0] not in RESUMABLE]
             if changed:
                 raise AfineError(f"{out}: config differs from the run being resumed in {', '.join(changed)}; use "
                                  "the same values, or --resume=false --overwrite=true to start afresh")
@@ -446,7 +547,8 @@ def main(train: Callable, config_class, argv: list[str] | None, doc: str) -> int
     try:
         cfg = configs.parse_args(config_class, argv)
         d = distributed.setup(cfg.device)
-        train(cfg, d)
+        with interrupts.handled():
+            train(cfg, d)
     except KeyboardInterrupt:
         if d is None or d.is_main:
             print("interrupted; run the same command again to resume from the last saved state", file=sys.stderr)

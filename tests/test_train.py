@@ -583,3 +583,15 @@ def test_nan_before_any_save_says_no_state_was_saved(square, tmp_path, monkeypat
     monkeypatch.setattr(train_stage1, "triplet_losses", lambda *a, **k: losses(*a, **k) * float("nan"))
     assert train_stage1.main(args(square, tmp_path / "s1", clip="random-tiny", total_iter=3, save_every=2)) == 2
     assert "step 1: loss is nan; training stopped (no training state was saved yet)" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_loader_workers_start_stops_the_run_with_one_line(square, tmp_path):
+    """Without care the interrupt lands in os.fork's hooks (Python prints and drops it) and the workers die of it,
+    so the run goes on or fails with 'DataLoader worker exited unexpectedly'."""
+    from tests.tiny import ctrl_c_at_first_worker
+
+    argv = args(square, tmp_path / "s1", clip="random-tiny", workers=2, total_iter=50, save_every=10)
+    code, err = ctrl_c_at_first_worker(ROOT / "train_stage1.py", argv, tmp_path)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert code == 130, err
+    assert lines == ["interrupted; run the same command again to resume from the last saved state"], err

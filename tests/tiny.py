@@ -88,3 +88,32 @@ def write_checkpoints(folder: Path, model: AFINE) -> dict[str, Path]:
     write_torchscript_clip(paths["clip_ts"], model.clip)
     torch.save(model.clip.state_dict(), paths["clip_plain"])
     return paths
+
+
+# A Ctrl-C to the command's whole process group (what a terminal sends) at the moment its first DataLoader
+# worker is forked: run as `python -c CTRL_C_AT_FIRST_WORKER script.py args...` in a session of its own.
+CTRL_C_AT_FIRST_WORKER = """
+import os, runpy, signal, sys
+import torch  # before the hook: only the forks of DataLoader workers count
+fired = []
+def ctrl_c():
+    if not fired:
+        fired.append(True)
+        os.killpg(os.getpgrp(), signal.SIGINT)
+os.register_at_fork(after_in_parent=ctrl_c)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def ctrl_c_at_first_worker(script: Path, args: list, cwd: Path) -> tuple[int, str]:
+    """(exit code, stderr) of `script args` hit by Ctrl-C as its first DataLoader worker starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_FIRST_WORKER, str(script), *map(str, args)], cwd=cwd,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
+                          start_new_session=True)
+    return proc.returncode, proc.stderr
