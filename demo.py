@@ -118,12 +118,19 @@ def main() -> None:
     counts = {k: list(outcome.values()).count(k) for k in ("better", "equal", "worse")}
     print(f"trained vs untrained: better on {counts['better']}, equal on {counts['equal']}, worse on "
           f"{counts['worse']} of {len(after)} benchmarks; total time {time.perf_counter() - start:.0f} s")
+    below = []
     for stage in ("s1", "s2", "s3"):  # each stage's validation mean at its start and at its end (log.jsonl)
         val = [r["val_mean"] for r in map(json.loads, (out / stage / "log.jsonl").read_text().splitlines())
                if "val_mean" in r]
         best = json.loads((out / stage / "best" / "best.json").read_text())
         print(f"stage {stage[1]} validation 2AFC mean: step 0 {val[0]:.4f}, final {val[-1]:.4f}, "
               f"best {best['val_mean']:.4f} at step {best['step']} ({stage}/best/)")
+        below += [stage[1]] if val[-1] < val[0] else []
+    if below:
+        print(f"(stage {', '.join(below)} ended below its step-0 validation on this seed. On this small corpus the\n"
+              " tiny stage-1 naturalness ranks the held-out references' images worse than the training ones, so\n"
+              " stage 3, which learns how much to trust it, moves validation by about a point either way;\n"
+              " README, 'The demo')")
     print("(the untrained model's naturalness head is flat, so it ranks by fidelity alone; that fails where the\n"
           " reference is worse than the images under test - DiffIQA's P images, SR results that beat SRIQA's\n"
           " Original photo - which is what A-FINE's training fixes. diffiqa-nyy pairs each image with its own\n"
