@@ -308,13 +308,28 @@ def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict) -> tuple[s
         raise AfineError(f"{out / 'state'}: no intact training state left; start afresh with --resume=false "
                          "--overwrite=true")
     held = [name for name in (*OFFICIAL_FILES, "best", "saves", "state") if (out / name).exists()]
-    if held and not cfg.overwrite:
+    if held == ["best"] and _unsaved_start(out, cfg, built_on):
+        print(f"{out}: the same run stopped before its first save; starting it afresh", file=sys.stderr)
+    elif held and not cfg.overwrite:
         raise AfineError(f"{out}: holds an earlier run ({', '.join(held)}); resume it (--resume=true), pass "
                          "--overwrite=true to replace it, or use another out_dir")
     for name in held + ["log.jsonl", "built_on.json"]:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return "fresh", None
+
+
+def _unsaved_start(out: Path, cfg, built_on: dict) -> bool:
+    """Whether out_dir holds only the step-0 validation of this same run (stopped before its first save), which
+    a fresh start writes again: nothing to lose, so the same command starts afresh without --overwrite."""
+    try:
+        best = json.loads((out / "best" / "best.json").read_text())
+        saved = json.loads((out / "config.json").read_text())
+        saved_on = json.loads((out / "built_on.json").read_text())
+    except (OSError, ValueError):
+        return False
+    changed = [k for k in configs.differences(saved, configs.to_dict(cfg)) if k.split(".")[0] not in RESUMABLE]
+    return best.get("step") == 0 and not changed and saved_on == built_on
 
 
 def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global_batch: int,
@@ -543,7 +558,7 @@ def main(train: Callable, config_class, argv: list[str] | None, doc: str) -> int
         print(f"{doc.strip()}\n\nConfig keys (defaults; JSON file via --config, override with --key=value):\n"
               f"{configs.usage(config_class)}")
         return 0
-    d = None
+    cfg = d = None
     try:
         cfg = configs.parse_args(config_class, argv)
         d = distributed.setup(cfg.device)
@@ -551,7 +566,11 @@ def main(train: Callable, config_class, argv: list[str] | None, doc: str) -> int
             train(cfg, d)
     except KeyboardInterrupt:
         if d is None or d.is_main:
-            print("interrupted; run the same command again to resume from the last saved state", file=sys.stderr)
+            saved = state_files(Path(cfg.out_dir) / "state") if cfg is not None else None
+            print("interrupted" if saved is None else
+                  f"interrupted; run the same command again to resume from step {saved[0][0]} (the last save)"
+                  if saved else "interrupted before the first save; run the same command again to start afresh",
+                  file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - user mistakes (also raised in DataLoader workers) become one line
         error = unwrap_worker_error(e)

@@ -588,10 +588,45 @@ def test_nan_before_any_save_says_no_state_was_saved(square, tmp_path, monkeypat
 def test_ctrl_c_while_loader_workers_start_stops_the_run_with_one_line(square, tmp_path):
     """Without care the interrupt lands in os.fork's hooks (Python prints and drops it) and the workers die of it,
     so the run goes on or fails with 'DataLoader worker exited unexpectedly'."""
-    from tests.tiny import ctrl_c_at_first_worker
+    from tests.tiny import ctrl_c_at_worker
 
     argv = args(square, tmp_path / "s1", clip="random-tiny", workers=2, total_iter=50, save_every=10)
-    code, err = ctrl_c_at_first_worker(ROOT / "train_stage1.py", argv, tmp_path)
+    code, err = ctrl_c_at_worker(ROOT / "train_stage1.py", argv, tmp_path)
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
     assert code == 130, err
-    assert lines == ["interrupted; run the same command again to resume from the last saved state"], err
+    assert lines == ["interrupted before the first save; run the same command again to start afresh"], err
+
+
+def test_a_run_stopped_before_its_first_save_starts_again_with_the_same_command(square, tmp_path):
+    """Stopped after the step-0 validation wrote best/ but before any training state: the same command starts
+    afresh (nothing is lost) and ends where an uninterrupted run ends; another config still needs --overwrite."""
+    from tests.tiny import ctrl_c_at_worker
+
+    over = dict(clip="random-tiny", workers=2, total_iter=4, val_every=2, save_every=2,
+                **{"lr.clip": 1e-3, "lr.natural": 1e-3})
+    argv = args(square, tmp_path / "b", **over)
+    code, err = ctrl_c_at_worker(ROOT / "train_stage1.py", argv, tmp_path, fork=3)  # the training loader's first
+    assert code == 130 and err.rstrip().endswith("run the same command again to start afresh"), err
+    assert (tmp_path / "b" / "best").is_dir() and not state_files(tmp_path / "b" / "state")
+    assert train_stage1.main([*argv, "--seed=1"]) == 2  # another run's start is not replaced silently
+    assert train_stage1.main(argv) == 0
+    assert train_stage1.main(args(square, tmp_path / "a", **over)) == 0
+    for name, read in (("clip_model.pth", lambda f: torch.load(f, weights_only=True)),
+                       ("net_qhead.pth", read_network_file)):
+        a, b = (read(tmp_path / run / name) for run in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_ctrl_c_after_a_save_names_the_step_the_same_command_resumes_from(square, tmp_path):
+    from tests.tiny import ctrl_c_at_worker
+
+    over = dict(clip="random-tiny", workers=2, total_iter=6, val_every=2, save_every=2,
+                **{"lr.clip": 1e-3, "lr.natural": 1e-3})
+    argv = args(square, tmp_path / "b", **over)
+    # forks: step-0 validation 1-2, training loader 3-4, step-2 validation 5-6 (then the step-2 save), step 4: 7
+    code, err = ctrl_c_at_worker(ROOT / "train_stage1.py", argv, tmp_path, fork=7)
+    assert code == 130 and err.rstrip().endswith("resume from step 2 (the last save)"), err
+    assert train_stage1.main(argv) == 0
+    assert train_stage1.main(args(square, tmp_path / "a", **over)) == 0
+    a, b = (read_network_file(tmp_path / run / "net_qhead.pth") for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -90,30 +90,30 @@ def write_checkpoints(folder: Path, model: AFINE) -> dict[str, Path]:
     return paths
 
 
-# A Ctrl-C to the command's whole process group (what a terminal sends) at the moment its first DataLoader
-# worker is forked: run as `python -c CTRL_C_AT_FIRST_WORKER script.py args...` in a session of its own.
-CTRL_C_AT_FIRST_WORKER = """
+# A Ctrl-C to the command's whole process group (what a terminal sends) at the moment its n-th DataLoader
+# worker is forked: run as `python -c CTRL_C_AT_WORKER N script.py args...` in a session of its own.
+CTRL_C_AT_WORKER = """
 import os, runpy, signal, sys
 import torch  # before the hook: only the forks of DataLoader workers count
-fired = []
+forks, at = [], int(sys.argv[1])
 def ctrl_c():
-    if not fired:
-        fired.append(True)
+    forks.append(True)
+    if len(forks) == at:
         os.killpg(os.getpgrp(), signal.SIGINT)
 os.register_at_fork(after_in_parent=ctrl_c)
-sys.argv = sys.argv[1:]
+sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def ctrl_c_at_first_worker(script: Path, args: list, cwd: Path) -> tuple[int, str]:
-    """(exit code, stderr) of `script args` hit by Ctrl-C as its first DataLoader worker starts."""
+def ctrl_c_at_worker(script: Path, args: list, cwd: Path, fork: int = 1) -> tuple[int, str]:
+    """(exit code, stderr) of `script args` hit by Ctrl-C as its `fork`-th DataLoader worker starts."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_FIRST_WORKER, str(script), *map(str, args)], cwd=cwd,
-                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
-                          start_new_session=True)
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_WORKER, str(fork), str(script), *map(str, args)],
+                          cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=300, start_new_session=True)
     return proc.returncode, proc.stderr
