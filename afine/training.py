@@ -311,8 +311,9 @@ def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict) -> tuple[s
     if held == ["best"] and _unsaved_start(out, cfg, built_on):
         print(f"{out}: the same run stopped before its first save; starting it afresh", file=sys.stderr)
     elif held and not cfg.overwrite:
-        raise AfineError(f"{out}: holds an earlier run ({', '.join(held)}); resume it (--resume=true), pass "
-                         "--overwrite=true to replace it, or use another out_dir")
+        how = "resume it (--resume=true), pass" if states else "it has no training state to resume; pass"
+        raise AfineError(f"{out}: holds an earlier run ({', '.join(held)}); {how} --overwrite=true to replace it, "
+                         "or use another out_dir")
     for name in held + ["log.jsonl", "built_on.json"]:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
