@@ -2,7 +2,7 @@
 
     python demo.py [--out demo_out] [--seed 0]
 
-1. generate a small synthetic IQA corpus in the official dataset layouts (afine.synth)
+1. generate a small synthetic IQA corpus in the official dataset layouts (afine.synth, scale "demo")
 2. train stage 1 (CLIP + naturalness head) of a tiny randomly initialised model
 3. fit the stage-3 NR-mapping start on the PIPAL-like training MOS (fit_gamma.py nr)
 4. train stage 2 (fidelity head) and stage 3 (mappings + adapter)
@@ -81,7 +81,7 @@ def main() -> None:
     data, seed = out / "data", str(args.seed)
 
     step("1/5 synthetic corpus")
-    run("-m", "afine.synth", "--out", data, "--seed", seed, "--scale", "small")
+    run("-m", "afine.synth", "--out", data, "--seed", seed, "--scale", "demo")
 
     step("2/5 stage 1: fine-tune the tiny CLIP and train the naturalness head")
     run("train_stage1.py", "--config", "configs/demo_s1.json", f"--data_root={data}", f"--out_dir={out / 's1'}",
