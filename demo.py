@@ -127,10 +127,9 @@ def main() -> None:
               f"best {best['val_mean']:.4f} at step {best['step']} ({stage}/best/)")
         below += [stage[1]] if val[-1] < val[0] else []
     if below:
-        print(f"(stage {', '.join(below)} ended below its step-0 validation on this seed. On this small corpus the\n"
-              " tiny stage-1 naturalness ranks the held-out references' images worse than the training ones, so\n"
-              " stage 3, which learns how much to trust it, moves validation by about a point either way;\n"
-              " README, 'The demo')")
+        print(f"(stage {', '.join(below)} ended below its step-0 validation on this seed. The tiny CLIP, trained from\n"
+              " scratch, learns a naturalness that carries over only in part to the held-out references, and\n"
+              " stage 3 learns how much to trust it; README, 'The demo')")
     print("(the untrained model's naturalness head is flat, so it ranks by fidelity alone; that fails where the\n"
           " reference is worse than the images under test - DiffIQA's P images, SR results that beat SRIQA's\n"
           " Original photo - which is what A-FINE's training fixes. diffiqa-nyy pairs each image with its own\n"
