@@ -173,7 +173,7 @@ def loader(batches: list[list[Path]], workers: int, device: torch.device):
     """The plan's decoded batches in order; a worker's AfineError (a bad image) surfaces as its one line."""
     data = torch.utils.data.DataLoader(ImageBatches(batches), batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=False)
-    iterator = interrupts.start_workers(data)
+    iterator = interrupts.batches(data)
     while True:
         try:
             batch = next(iterator)
@@ -184,7 +184,6 @@ def loader(batches: list[list[Path]], workers: int, device: torch.device):
             if clean is e:
                 raise
             raise clean from None
-        interrupts.raise_pending()
         yield batch
 
 

@@ -49,19 +49,22 @@ def handled() -> Iterator[None]:
         _owner = owner
 
 
-def raise_pending() -> None:
+def _raise_pending() -> None:
     """Raise the KeyboardInterrupt of a Ctrl-C that was held back or dropped."""
     if _pending and not _holding and os.getpid() == _owner:
         raise KeyboardInterrupt
 
 
-def start_workers(loader: Iterable) -> Iterator:
-    """`iter(loader)` with Ctrl-C held back while its worker processes start."""
+def batches(loader: Iterable) -> Iterator:
+    """The loader's batches: its worker processes start with Ctrl-C held back, and a Ctrl-C held or dropped
+    is raised before the next batch."""
     global _holding
     _holding += 1
     try:
         iterator = iter(loader)
     finally:
         _holding -= 1
-    raise_pending()
-    return iterator
+    _raise_pending()
+    for batch in iterator:
+        _raise_pending()
+        yield batch

@@ -180,12 +180,8 @@ def validation_sets(data_root: str | Path, datasets: list[str]) -> list[tuple[st
 
 def loader(data: TripletDataset, batches, workers: int, device: torch.device) -> Iterator[dict]:
     """Collated batches for the lists of triplet keys `batches` yields, decoded by `workers` processes."""
-    iterator = interrupts.start_workers(torch.utils.data.DataLoader(
-        data, batch_sampler=batches, collate_fn=collate_triplets, num_workers=workers,
-        pin_memory=device.type == "cuda"))
-    for batch in iterator:
-        interrupts.raise_pending()
-        yield batch
+    return interrupts.batches(torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate_triplets,
+                                                          num_workers=workers, pin_memory=device.type == "cuda"))
 
 
 def file_digests(paths: list[Path]) -> dict[str, str]:
@@ -280,6 +276,11 @@ def remove_leftovers(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
+def fixed_keys_changed(saved: dict, cfg) -> list[str]:
+    """Dotted keys of `cfg` that differ from the saved config dict and that a resumed run may not change."""
+    return [k for k in configs.differences(saved, configs.to_dict(cfg)) if k.split(".")[0] not in RESUMABLE]
+
+
 def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict) -> tuple[str, str | None]:
     """Rank 0 decides: ('fresh', None) or ('resume', state file); user mistakes raise."""
     states = state_files(out / "state")
@@ -289,8 +290,7 @@ def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict) -> tuple[s
             if meta is None:
                 warn(f"{path}: training state damaged (size or checksum mismatch); trying the previous one")
                 continue
-            changed = [k for k in configs.differences(meta.get("config", {}), configs.to_dict(cfg))
-                       if k.split(".")[0] not in RESUMABLE]
+            changed = fixed_keys_changed(meta.get("config", {}), cfg)
             if changed:
                 raise AfineError(f"{out}: config differs from the run being resumed in {', '.join(changed)}; use "
                                  "the same values, or --resume=false --overwrite=true to start afresh")
@@ -329,8 +329,7 @@ def _unsaved_start(out: Path, cfg, built_on: dict) -> bool:
         saved_on = json.loads((out / "built_on.json").read_text())
     except (OSError, ValueError):
         return False
-    changed = [k for k in configs.differences(saved, configs.to_dict(cfg)) if k.split(".")[0] not in RESUMABLE]
-    return best.get("step") == 0 and not changed and saved_on == built_on
+    return best.get("step") == 0 and not fixed_keys_changed(saved, cfg) and saved_on == built_on
 
 
 def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global_batch: int,

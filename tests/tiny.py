@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -108,10 +111,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def ctrl_c_at_worker(script: Path, args: list, cwd: Path, fork: int = 1) -> tuple[int, str]:
     """(exit code, stderr) of `script args` hit by Ctrl-C as its `fork`-th DataLoader worker starts."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_WORKER, str(fork), str(script), *map(str, args)],
                           cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
