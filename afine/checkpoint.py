@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,7 +45,9 @@ def torch_load(path: str | Path):
     if is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load
         raise AfineError(f"{path}: a TorchScript archive, expected a plain torch.save file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its note on a pickle protocol would print before our one error line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
         raise AfineError(f"{path}: cannot read checkpoint ({load_error_reason(e)})") from None
 
