@@ -76,8 +76,10 @@ def check_size(path: str | Path, h: int, w: int) -> None:
         _warned.add(str(path))
     if small:
         warn(f"{path}: tiny image ({w}x{h}); below {MIN_SIDE}x{MIN_SIDE} its A-FINE score means little")
-    else:
-        warn(f"{path}: very large image ({w}x{h}, {h * w / 1e6:.0f} MP); scoring it needs a lot of memory")
+        return
+    why = [f"a side over {MAX_SIDE} pixels"] if max(h, w) > MAX_SIDE else []
+    why += [f"{h * w / 1e6:.1f} MP, over {MAX_PIXELS / 1e6:.0f} MP"] if h * w > MAX_PIXELS else []
+    warn(f"{path}: very large image ({w}x{h}: {' and '.join(why)}); scoring it needs a lot of memory")
 
 
 def load_image(path: str | Path, warn_size: bool = True) -> torch.Tensor:
