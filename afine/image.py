@@ -6,6 +6,7 @@ EXIF orientation applied, 16-bit samples reduced to their high byte, grey replic
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from contextlib import contextmanager
@@ -47,7 +48,8 @@ def open_image(path: str | Path):
         with Image.open(path) as im:
             yield im
     except FileNotFoundError:
-        raise AfineError(f"{path}: image file not found") from None
+        link = f" (a broken symbolic link to {os.readlink(path)})" if os.path.islink(path) else ""
+        raise AfineError(f"{path}: image file not found{link}") from None
     except Image.DecompressionBombError as e:
         raise AfineError(f"{path}: image refused, too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:

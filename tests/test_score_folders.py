@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,7 @@ def test_exact_name_wins_over_stem_and_two_stems_are_ambiguous(weights, folders,
     code, _, err = score(capsys, weights, dis, ref, "--no-progress")
     assert code == 2 and "c.jpg (several references: c.bmp, c.png, c.tif)" in err
     assert "a.jpg (no test image a.* in" in err and "a.png (no" not in err
+    assert "(no test image c.*" not in err  # c.jpg is there, with several references: not each a leftover
 
 
 @pytest.mark.parametrize("case, culprit", [
@@ -158,3 +161,57 @@ def test_folder_errors_one_line_exit_2(weights, folders, capsys, tmp_path, case,
     assert code == 2 and out == ""
     error = [line for line in err.splitlines() if not line.startswith("warning: ")]
     assert len(error) == 1 and error[0].startswith("error: ") and culprit in error[0], err
+
+
+def test_pairs_follow_names_not_positions(weights, tmp_path, capsys):
+    """Sorted test images and sorted references do not line up: a.bmp sorts before a.c.png but its reference
+    a.png after a.c.png; two test images share the reference b.bmp by stem; an exact name wins over a stem."""
+    rng = np.random.default_rng(3)
+    for name in ("a.png", "a.c.png", "b.bmp", "d.png", "d.jpg"):
+        save(tmp_path / "refs" / name, rng.integers(0, 256, (40, 48, 3)))
+    for name in ("a.bmp", "a.c.png", "b.jpg", "b.png", "d.jpg"):
+        save(tmp_path / "outs" / name, rng.integers(0, 256, (40, 48, 3)))
+    code, out, err = score(capsys, weights, tmp_path / "outs", tmp_path / "refs", "--json", "--no-progress",
+                           "--skip-unpaired")
+    assert code == 0, err
+    pairs = [(Path(json.loads(line)["dis"]).name, Path(json.loads(line)["ref"]).name) for line in out.splitlines()]
+    assert pairs == [("a.bmp", "a.png"), ("a.c.png", "a.c.png"), ("b.jpg", "b.bmp"), ("b.png", "b.bmp"),
+                     ("d.jpg", "d.jpg")]
+    assert err == f"warning: skipped 1 image(s): {tmp_path / 'refs' / 'd.png'} (no test image d.* in " \
+                  f"{tmp_path / 'outs'})\n"
+
+
+@pytest.mark.parametrize("reference", ["folder", "image"])
+def test_a_broken_symbolic_link_is_an_unreadable_image_or_listed_as_skipped(weights, folders, capsys, tmp_path,
+                                                                              reference):
+    dis, ref = folders
+    (dis / "a.png").unlink()
+    (dis / "a.png").symlink_to(tmp_path / "gone.png")
+    ref_arg = ref if reference == "folder" else ref / "b.png"
+    code, out, err = score(capsys, weights, "--no-progress", dis, ref_arg)
+    assert (code, out) == (2, "")
+    assert err == f"error: {dis / 'a.png'}: image file not found (a broken symbolic link to {tmp_path / 'gone.png'})\n"
+    code, out, err = score(capsys, weights, "--no-progress", "--json", dis, ref_arg, "--skip-unpaired")
+    assert code == 0
+    assert [Path(json.loads(line)["dis"]).name for line in out.splitlines()] == ["b.jpg", "c.png"]
+    assert err == f"warning: skipped 1 image(s): {dis / 'a.png'} (broken symbolic link to {tmp_path / 'gone.png'})\n"
+
+
+@pytest.mark.parametrize("side", ["test", "reference", "unsearchable"])
+def test_unreadable_folder_is_one_error_line(weights, folders, capsys, monkeypatch, side):
+    """No permission to list a folder, or to look inside the one above it (simulated: the tests may run as root,
+    who may read anything)."""
+    dis, ref = folders
+    unreadable = ref if side == "reference" else dis
+    iterdir, stat = Path.iterdir, Path.stat
+
+    def refuse(self, *args, **kwargs):
+        if self == unreadable:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return (stat if side == "unsearchable" else iterdir)(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat" if side == "unsearchable" else "iterdir", refuse)
+    code, out, err = score(capsys, weights, "--no-progress", dis, ref)
+    assert (code, out) == (2, "")
+    assert err == f"error: {unreadable}: {'cannot read' if side == 'unsearchable' else 'cannot read folder'} " \
+                  f"(permission denied)\n"
