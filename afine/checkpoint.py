@@ -141,6 +141,20 @@ def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor
     return {p: strip_module_prefix(obj[p]) for p in PART_FILES}, {p: f"{path}[{p}]" for p in PART_FILES}
 
 
+def weight_files(path: str | Path) -> list[Path]:
+    """The files read_afine_parts reads for `path`: the file itself, or a run folder's network files, config.json
+    and built_on.json and those of the earlier stages it names (for commands that must not write over them)."""
+    folders, files = [Path(path)], []
+    while folders:
+        folder = folders.pop()
+        if not folder.is_dir():
+            files.append(folder)
+            continue
+        files += [folder / name for name in (*PART_FILES.values(), "config.json", "built_on.json")]
+        folders += [earlier for earlier in earlier_runs(folder) if earlier / "config.json" not in files]
+    return files
+
+
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
