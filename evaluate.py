@@ -33,7 +33,7 @@ import time
 
 from afine.atomic import check_writable, write_json
 from afine.benchmarks import Indexes, dataset_of, load_benchmark, missing_folder, parse_benchmarks
-from afine.errors import AfineError, ArgumentParser, command
+from afine.errors import AfineError, ArgumentParser, command, printable
 from afine.evaluation import (
     DEFAULT_CLIP,
     STAGE_PARTS,
@@ -44,6 +44,7 @@ from afine.evaluation import (
     compute_terms,
     init_distributed,
     item_scores,
+    model_files,
     pick_device,
     world,
 )
@@ -85,11 +86,12 @@ def table(names: list[str], results: dict[str, dict], skipped: dict[str, str]) -
            f"{'krcc':>7}"
     lines = [head]
     for name in names:
+        shown = printable(name)  # a dataset folder's name need not be UTF-8
         if name in skipped:
-            lines.append(f"{name:<12} skipped ({skipped[name]})")
+            lines.append(f"{shown:<12} skipped ({printable(skipped[name])})")
             continue
         r = results[name]
-        lines.append(f"{name:<12} {r['pairs']:>7} {r['correct']:>7} {fmt(r['accuracy'], '.4f'):>8} "
+        lines.append(f"{shown:<12} {r['pairs']:>7} {r['correct']:>7} {fmt(r['accuracy'], '.4f'):>8} "
                      f"{r['seconds']:>8.2f} {fmt(r.get('srcc'), '.4f'):>7} {fmt(r.get('plcc'), '.4f'):>7} "
                      f"{fmt(r.get('krcc'), '.4f'):>7}")
     return "\n".join(lines)
@@ -108,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         check_model_arguments(args)
-        if args.json:
-            check_writable(args.json)  # before the work, not after it
         names = parse_benchmarks(args.bench, args.data_root)
         all_named = "all" in [n.strip().lower() for n in args.bench.split(",")]
         skipped = {n: f"no folder {missing_folder(args.data_root, n)}" for n in names
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         benches = [load_benchmark(args.data_root, n, indexes) for n in names if n not in skipped]
         if not benches:
             raise AfineError(f"{args.data_root}: none of the benchmark dataset folders is present")
+        if args.json:  # before the work, not after it, and never over a file it reads
+            images = {p for b in benches for item in b.items() for p in item}
+            check_writable(args.json, [*images, *(f for b in benches for f in b.label_files), *model_files(args)])
         device = pick_device(args.device, init_distributed(args.device))
         model = load_afine(args.clip, args.weights, require=STAGE_PARTS[args.stage], default_clip=DEFAULT_CLIP)
         model = model.to(device)

@@ -33,7 +33,7 @@ from scipy.special import expit
 from afine.atomic import check_writable, write_json
 from afine.benchmarks import Indexes, sriqa_scene
 from afine.datasets import ImageIndex, dataset_dir, images_dir, sriqa_mos_files
-from afine.errors import AfineError, ArgumentParser, command
+from afine.errors import AfineError, ArgumentParser, command, printable
 from afine.evaluation import (
     DEFAULT_CLIP,
     STAGE_PARTS,
@@ -41,11 +41,12 @@ from afine.evaluation import (
     check_model_arguments,
     close_distributed,
     init_distributed,
+    model_files,
     pick_device,
     score_items,
     world,
 )
-from afine.labels import normalise_pipal_mos, read_mos_folder
+from afine.labels import normalise_pipal_mos, read_mos_folder_numbered
 from afine.model import load_afine
 
 
@@ -71,31 +72,35 @@ def fit_logistic(x, y, e1: float, e2: float) -> tuple[float, float, float]:
     return float(g3), abs(float(g4)), rmse
 
 
-def nr_data(data_root: str | Path) -> tuple[list[tuple[Path, Path]], np.ndarray]:
-    """PIPAL training set: (distorted image, its reference) items and the normalised MOS y in [-2, 2]."""
+def nr_data(data_root: str | Path) -> tuple[list[tuple[Path, Path]], np.ndarray, list[Path]]:
+    """PIPAL training set: (distorted image, its reference) items, the normalised MOS y in [-2, 2], and the MOS
+    files read."""
     folder = dataset_dir(data_root, "PIPAL") / "Train" / "MOS"
-    records = read_mos_folder(folder)
+    records = read_mos_folder_numbered(folder)
     index = ImageIndex(images_dir(data_root, "PIPAL"))
     items = []
-    for r in records:
+    for file, line, r in records:
         if r.dis not in index:
-            raise AfineError(f"{folder} ({r.ref}.txt): image {r.dis!r} not found under {index.folder}")
+            raise AfineError(f"{file}:{line}: image {r.dis!r} not found under {index.folder}")
         items.append((index[r.dis], index[r.dis]))  # stage 1 scores the image alone
-    return items, normalise_pipal_mos(np.array([r.mos for r in records]))
+    files = list(dict.fromkeys(file for file, _, _ in records))
+    return items, normalise_pipal_mos(np.array([r.mos for _, _, r in records])), files
 
 
-def scale_data(data_root: str | Path) -> tuple[list[tuple[Path, Path]], np.ndarray]:
-    """SRIQA-Bench MOS/ (all scenes): (image, scene original) items and y = 100 - 100 (m - min) / (max - min)."""
+def scale_data(data_root: str | Path) -> tuple[list[tuple[Path, Path]], np.ndarray, list[Path]]:
+    """SRIQA-Bench MOS/ (all scenes): (image, scene original) items, y = 100 - 100 (m - min) / (max - min), and the
+    MOS files read."""
     index = Indexes()(images_dir(data_root, "SRIQA-Bench"))
     items, mos = [], []
-    for path in sriqa_mos_files(data_root, "All"):
+    files = sriqa_mos_files(data_root, "All")
+    for path in files:
         ref, scores, paths = sriqa_scene(path, index)
         items += [(paths[n], ref) for n, _ in scores]
         mos += [s for _, s in scores]
     m = np.array(mos, dtype=np.float64)
     if not np.ptp(m) > 0:
         raise AfineError(f"{dataset_dir(data_root, 'SRIQA-Bench') / 'MOS'}: all MOS values are equal; cannot normalise")
-    return items, 100.0 - 100.0 * (m - m.min()) / (m.max() - m.min())
+    return items, 100.0 - 100.0 * (m - m.min()) / (m.max() - m.min()), files
 
 
 MODES = {  # mode -> (stage of the model, data, e1, e2, names of the two parameters)
@@ -115,18 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         check_model_arguments(args)
-        check_writable(args.out)  # before the work, not after it
         stage, data, e1, e2, names = MODES[args.mode]
-        items, y = data(args.data_root)
+        items, y, label_files = data(args.data_root)
+        inputs = [p for item in items for p in item] + label_files + model_files(args)
+        check_writable(args.out, inputs)  # before the work, not after it, and never over what it reads
         device = pick_device(args.device, init_distributed(args.device))
         model = load_afine(args.clip, args.weights, require=STAGE_PARTS[stage], default_clip=DEFAULT_CLIP).to(device)
         x = score_items(model, items, stage, batch_size=args.batch_size, device=device, workers=args.workers,
                         progress=not args.no_progress, desc=args.mode)
         g3, g4, rmse = fit_logistic(x, y, e1, e2)
         if world()[0] == 0:
-            print(f"{names[0]} {g3:.6f}\n{names[1]} {g4:.6f}\nimages {len(items)}  rmse {rmse:.6f}  -> {args.out}")
+            print(f"{names[0]} {g3:.6f}\n{names[1]} {g4:.6f}\nimages {len(items)}  rmse {rmse:.6f}  -> "
+                  f"{printable(args.out)}")
             write_json(args.out, {names[0]: g3, names[1]: g4, "images": len(items), "rmse": rmse,
-                                  "weights": str(args.weights)})
+                                  "weights": printable(args.weights)})
     finally:
         close_distributed()
     return 0

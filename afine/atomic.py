@@ -2,7 +2,9 @@
 
 A crash or kill leaves either the old file or the new one, never a half-written file. A failed write (disk
 full, no permission, read-only folder, target is a folder) is a one-line AfineError naming the file; the old
-file stays as it was and no temp file is left behind. `check_writable` tells before long work starts.
+file stays as it was and no temp file is left behind. `check_writable` tells before long work starts, and
+refuses an output that is one of the command's inputs (README, "Output files and file names").
+`atomic_folder` does for a whole new folder what atomic_write does for a file.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,20 +43,47 @@ def current_umask() -> int:
     return mask
 
 
-def check_writable(path: str | Path) -> None:
-    """AfineError naming `path` unless atomic_write could write it: call it before long work, not after.
+def nearest_folder(path: Path) -> Path:
+    """The nearest existing ancestor of `path`, where the write creates the missing folders; AfineError if it is
+    not a folder (a file stands where a folder of the path should be)."""
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise AfineError(f"{path}: cannot write, {folder} is not a folder")
+    return folder
 
-    The path must not be a folder; its nearest existing ancestor must be a folder (missing ones are created
-    by the write) where a file can be created, tried with a probe file that is removed at once.
+
+def check_not_input(path: Path, inputs: Iterable[str | Path]) -> None:
+    """AfineError if `path` is one of `inputs`, compared by identity (device and inode): another spelling, a
+    symbolic link or a hard link to an input counts. A path with no file behind it overwrites nothing."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return
+    for source in inputs:
+        try:
+            found = os.stat(source)
+        except OSError:
+            continue
+        if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+            spelling = "" if Path(source) == path else f" (as {source})"
+            raise AfineError(f"{path}: cannot write, this command reads that file{spelling}; choose another output")
+
+
+def check_writable(path: str | Path, inputs: Iterable[str | Path] = ()) -> None:
+    """AfineError naming `path` unless atomic_write could write it without destroying an input: call it before
+    long work, not after.
+
+    The path must not be a folder nor one of `inputs`, the files the command reads (see check_not_input); its
+    nearest existing ancestor must be a folder (missing ones are created by the write) where a file can be
+    created, tried with a probe file that is removed at once.
     """
     path = Path(path)
     if path.is_dir():
         raise AfineError(f"{path}: cannot write, it is a folder")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise AfineError(f"{path}: cannot write, {folder} is not a folder")
+    check_not_input(path, inputs)
+    folder = nearest_folder(path)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
         os.close(fd)
@@ -69,6 +100,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     path = Path(path)
     if path.is_dir():
         raise AfineError(f"{path}: cannot write, it is a folder")
+    nearest_folder(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -109,3 +141,36 @@ def write_json(path: str | Path, obj) -> None:
     """Atomic, indented JSON write; NaN and infinities become null so any JSON reader accepts the file."""
     clean = json.loads(json.dumps(obj), parse_constant=lambda c: None)
     write_text(path, json.dumps(clean, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside `path` to fill; on success rename it to `path`, which must be absent or an empty
+    folder. On any failure (Ctrl-C included) the temp folder is removed and `path` stays as it was.
+
+    The folder gets the usual mode for new folders, 0777 less the process umask.
+    """
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise AfineError(f"{path}: cannot create folder, a file or symbolic link is in the way")
+    nearest_folder(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
+    except OSError as e:
+        raise AfineError(f"{path}: cannot create folder ({reason(e)})") from None
+    emptied = False
+    try:
+        yield tmp
+        if path.is_dir():
+            path.rmdir()  # empty, as the caller checked; a folder filled meanwhile fails here and is kept
+            emptied = True
+        os.rename(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if emptied:
+            path.mkdir(exist_ok=True)
+        if isinstance(e, OSError):
+            raise AfineError(f"{path}: cannot create folder ({reason(e)})") from None
+        raise

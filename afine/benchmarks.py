@@ -34,7 +34,7 @@ from .datasets import (
     triplet_file,
 )
 from .errors import AfineError
-from .labels import read_mos_folder, read_sriqa_mos
+from .labels import read_mos_folder_numbered, read_sriqa_mos
 
 SRIQA = {"sriqa-all": "All", "sriqa-reg": "Regression", "sriqa-gen": "Generative"}
 DIFFIQA = {"diffiqa-psy": "PSY", "diffiqa-pny": "PNY", "diffiqa-sny": "SNY", "diffiqa-pyy": "PYY",
@@ -55,6 +55,7 @@ class Benchmark:
     mos_images: list[Path] = field(default_factory=list)  # scored against mos_refs, compared with mos
     mos_refs: list[Path] = field(default_factory=list)
     mos: np.ndarray | None = None
+    label_files: list[Path] = field(default_factory=list)  # every label file read, for outputs never to overwrite
 
     def items(self) -> list[tuple[Path, Path]]:
         """Every (image, reference) whose score this benchmark needs, distinct, in first-use order."""
@@ -141,10 +142,11 @@ def load_benchmark(data_root: str | Path, name: str, indexes: Indexes | None = N
     bench = _triplets(name, triplet_file(data_root, dataset, "Test"), index)
     mos_folder = dataset_dir(data_root, dataset) / "Test" / "MOS"
     if mos_folder.is_dir():
-        records = read_mos_folder(mos_folder)
-        bench.mos_images = [_find(index, r.dis, f"{mos_folder} ({r.ref}.txt)") for r in records]
-        bench.mos_refs = [_find(index, r.ref, f"{mos_folder} ({r.ref}.txt)") for r in records]
-        bench.mos = np.array([r.mos for r in records], dtype=np.float64)
+        records = read_mos_folder_numbered(mos_folder)
+        bench.mos_images = [_find(index, r.dis, f"{file}:{line}") for file, line, r in records]
+        bench.mos_refs = [_find(index, r.ref, f"{file}:{line}") for file, line, r in records]
+        bench.mos = np.array([r.mos for _, _, r in records], dtype=np.float64)
+        bench.label_files += list(dict.fromkeys(file for file, _, _ in records))
     return bench
 
 
@@ -157,7 +159,7 @@ def _find(index: ImageIndex, name: str, where: str) -> Path:
 def _triplets(name: str, path: Path, index: ImageIndex) -> Benchmark:
     items = resolve_triplets(path, index)
     return Benchmark(name, [t[0] for t in items], [t[1] for t in items], [t[2] for t in items],
-                     np.array([t[3] for t in items], dtype=np.float64))
+                     np.array([t[3] for t in items], dtype=np.float64), label_files=[path])
 
 
 def sriqa_scene(path: Path, index: ImageIndex) -> tuple[Path, list[tuple[str, float]], dict[str, Path]]:
@@ -171,6 +173,7 @@ def _sriqa(data_root: str | Path, name: str, index: ImageIndex) -> Benchmark:
     bench = Benchmark(name, [], [], [], np.zeros(0))
     g, mos = [], []
     for path in sriqa_mos_files(data_root, SRIQA[name]):
+        bench.label_files.append(path)
         ref, scores, paths = sriqa_scene(path, index)
         for a, b, label in sriqa_pairs(scores):
             bench.x1.append(paths[a])

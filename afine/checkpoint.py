@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,7 +45,9 @@ def torch_load(path: str | Path):
     if is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load
         raise AfineError(f"{path}: a TorchScript archive, expected a plain torch.save file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its note on a pickle protocol would print before our one error line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
         raise AfineError(f"{path}: cannot read checkpoint ({load_error_reason(e)})") from None
 
@@ -136,6 +139,20 @@ def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor
     if missing or unexpected:
         raise AfineError(f"{path}: wrong parts: missing {missing}, unexpected {unexpected}")
     return {p: strip_module_prefix(obj[p]) for p in PART_FILES}, {p: f"{path}[{p}]" for p in PART_FILES}
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The files read_afine_parts reads for `path`: the file itself, or a run folder's network files, config.json
+    and built_on.json and those of the earlier stages it names (for commands that must not write over them)."""
+    folders, files = [Path(path)], []
+    while folders:
+        folder = folders.pop()
+        if not folder.is_dir():
+            files.append(folder)
+            continue
+        files += [folder / name for name in (*PART_FILES.values(), "config.json", "built_on.json")]
+        folders += [earlier for earlier in earlier_runs(folder) if earlier / "config.json" not in files]
+    return files
 
 
 def sha256(path: str | Path) -> str:

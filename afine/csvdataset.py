@@ -1,4 +1,5 @@
-"""A dataset in the traditional layout (like KADID10K) made from one CSV of `dis,ref,mos` rows.
+"""The rows of one CSV of `dis,ref,mos` rows, from which `python -m afine.labels from-csv` makes a dataset in the
+traditional layout (like KADID10K): read and checked, the references split, the images placed.
 
     python -m afine.labels from-csv scores.csv --out data/MyIQA [--seed 0] [--images copy|symlink|hardlink]
 
@@ -11,7 +12,9 @@ symlinked / hard-linked), and the references split 7:1:2 at random (seeded) into
 each with `MOS/<ref stem>.txt` (`dis,ref,mos` lines) and `Triplet/Triplet.txt` (nlogn triplets). Its folder
 name is then a dataset name for training (`train_datasets`, `val_datasets`) and for `evaluate.py --bench`.
 
-Every row is checked before anything is written; a bad one is an AfineError naming the CSV file and line.
+Every row is checked before anything is written; a bad one is an AfineError naming the CSV file and line. The
+label files are written by afine.labels (dataset_from_csv), which builds the folder beside --out and renames it
+into place when complete.
 """
 
 from __future__ import annotations
@@ -21,16 +24,14 @@ import csv
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from .atomic import reason
 from .errors import AfineError
 from .image import image_size
-from .labels import SPLITS, MOSRecord, nlogn_triplets, write_mos, write_triplets
 
 IMAGE_MODES = {"copy": "copied", "symlink": "symlinked", "hardlink": "hard-linked"}
 HEADER = ("dis", "ref", "mos")
@@ -38,7 +39,8 @@ HEADER = ("dis", "ref", "mos")
 
 @dataclass(frozen=True)
 class Row:
-    """One CSV row: a distorted image, its reference (resolved paths) and its MOS; `line` for messages."""
+    """One CSV row: a distorted image, its reference and its MOS; `line` for messages. Each image file has one
+    Path, whatever the spellings of the rows naming it (relative, absolute, through links)."""
 
     line: int
     dis: Path
@@ -57,6 +59,7 @@ def read_rows(path: str | Path) -> list[Row]:
         raise AfineError(f"{path}: cannot read CSV file ({e})") from None
     reader = csv.reader(text.splitlines())
     rows = []
+    spelled: dict[Path, Path] = {}  # resolved path -> the first spelling of the file, used for every row
     for fields in reader:
         line = reader.line_num
         fields = [f.strip() for f in fields]
@@ -81,7 +84,8 @@ def read_rows(path: str | Path) -> list[Row]:
         for name, image in ((dis_name, dis), (ref_name, ref)):
             if not image.is_file():
                 raise AfineError(f"{path}:{line}: image {name!r} not found ({image})")
-        if dis.resolve() == ref.resolve():
+        dis, ref = (spelled.setdefault(image.resolve(), image) for image in (dis, ref))
+        if dis == ref:
             raise AfineError(f"{path}:{line}: reference {ref_name!r} has no distorted image (the row pairs it "
                              f"with itself)")
         rows.append(Row(line, dis, ref, mos))
@@ -128,8 +132,8 @@ def check_rows(path: str | Path, rows: list[Row]) -> None:
                              f"{row.ref.name!r} is {rw}x{rh}")
 
 
-def split_references(references: list[str], seed: int) -> dict[str, list[str]]:
-    """Reference names split 7:1:2 into Train / Validation / Test by a seeded permutation of their sorted names.
+def split_references(references: list[str], seed: int) -> tuple[list[str], list[str], list[str]]:
+    """Reference names split 7:1:2 into (Train, Validation, Test) by a seeded permutation of their sorted names.
 
     Validation and Test get round(n / 10) and round(n / 5) references, at least one each; Train the rest.
     Needs n >= 3.
@@ -142,7 +146,7 @@ def split_references(references: list[str], seed: int) -> dict[str, list[str]]:
     test = max(1, math.floor(n / 5 + 0.5))
     order = [names[i] for i in np.random.default_rng(seed).permutation(n)]
     train = n - validation - test
-    return dict(zip(SPLITS, (order[:train], order[train:train + validation], order[train + validation:])))
+    return order[:train], order[train:train + validation], order[train + validation:]
 
 
 def place_image(source: Path, target: Path, mode: str) -> None:
@@ -155,39 +159,7 @@ def place_image(source: Path, target: Path, mode: str) -> None:
         else:
             os.link(source, target)
     except OSError as e:
-        raise AfineError(f"{target}: cannot {mode} {source} ({e.strerror or e})") from None
-
-
-def make_dataset(csv_path: str | Path, out: str | Path, seed: int = 0, images: str = "copy",
-                 progress: bool = True) -> dict[str, dict[str, int]]:
-    """Write the dataset; returns per split the counts of references, distorted images and triplets."""
-    if images not in IMAGE_MODES:
-        raise AfineError(f"--images {images!r}: expected one of {', '.join(IMAGE_MODES)}")
-    csv_path, out = Path(csv_path), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise AfineError(f"{out}: exists and is not an empty folder; choose a new output folder")
-    rows = read_rows(csv_path)
-    check_rows(csv_path, rows)
-    try:
-        splits = split_references([r.ref.name for r in rows], seed)
-    except AfineError as e:
-        raise AfineError(f"{csv_path}: {e}") from None
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    sources = list(dict.fromkeys(p for r in rows for p in (r.ref, r.dis)))
-    for source in tqdm(sources, desc=images, unit="img", file=sys.stderr, disable=not progress, leave=False):
-        place_image(source, out / "images" / source.name, images)
-    groups: dict[str, list[MOSRecord]] = {}
-    for r in rows:
-        groups.setdefault(r.ref.name, []).append(MOSRecord(r.dis.name, r.ref.name, r.mos))
-    counts = {}
-    for split, references in splits.items():
-        for ref in references:
-            write_mos(out / split / "MOS" / f"{Path(ref).stem}.txt", groups[ref])
-        flat = [record for ref in references for record in groups[ref]]
-        triplets = nlogn_triplets(flat, seed)
-        write_triplets(out / split / "Triplet" / "Triplet.txt", triplets)
-        counts[split] = {"references": len(references), "distorted": len(flat), "triplets": len(triplets)}
-    return counts
+        raise AfineError(f"{source}: cannot {mode} it into the dataset's images folder ({reason(e)})") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,12 +169,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", choices=list(IMAGE_MODES), default="copy",
                         help="how images get into <out>/images: copy (default), symlink or hardlink")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> None:
-    counts = make_dataset(args.csv, args.out, args.seed, args.images, progress=not args.no_progress)
-    out = Path(args.out)
-    summary = ", ".join(f"{split} {c['references']} references / {c['distorted']} images / {c['triplets']} triplets"
-                        for split, c in counts.items())
-    print(f"wrote {out} (images {IMAGE_MODES[args.images]}): {summary}")
-    print(f"use it as dataset {out.name!r} with data root {out.parent}")

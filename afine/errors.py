@@ -1,6 +1,7 @@
 """The one exception type for user mistakes (bad paths, files, labels, keys), and how command lines report it.
 
-Command-line tools catch it, print its message as one line on stderr and exit 2.
+Command-line tools catch it, print its message as one line on stderr and exit 2. File names that are not valid
+UTF-8 are printed escaped (`printable`), in messages as in every table, CSV and JSON output.
 """
 
 from __future__ import annotations
@@ -11,6 +12,17 @@ import sys
 from collections.abc import Callable
 
 from . import interrupts
+
+
+def printable(value) -> str:
+    """str(value) with the bytes of a file name that are not valid UTF-8 shown as `\\xNN` escapes (README, "Output
+    files and file names"): Python keeps such bytes as lone surrogates (os.fsdecode), which cannot be printed or
+    written as UTF-8."""
+    text = str(value)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class AfineError(Exception):
@@ -40,7 +52,7 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
             with interrupts.handled():
                 return main(*args, **kwargs)
         except AfineError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {printable(e)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -51,7 +63,7 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
 
 def warn(message: str) -> None:
     """A one-line 'warning: <message>' on stderr (for what is suspicious but not wrong)."""
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {printable(message)}", file=sys.stderr)
 
 
 WORKER_PREFIX = "Caught AfineError in DataLoader worker process"

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import distributed, interrupts
+from .checkpoint import weight_files
 from .errors import AfineError, unwrap_worker_error
 from .image import image_size, load_image
 from .model import AFINE, HEADS
@@ -345,6 +346,11 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise AfineError(f"{args.data_root}: data folder not found (--data-root points elsewhere)")
     if not Path(args.weights).exists():
         raise AfineError(f"{args.weights}: A-FINE weights not found (--weights points elsewhere)")
+
+
+def model_files(args: argparse.Namespace) -> list[Path]:
+    """Every file the model arguments may read: the weights (afine.pth or a run folder's files) and the CLIP."""
+    return weight_files(args.weights) + [Path(args.clip or DEFAULT_CLIP)]
 
 
 def pick_device(requested: str | None, distributed: torch.device | None) -> torch.device:

@@ -6,6 +6,7 @@ EXIF orientation applied, 16-bit samples reduced to their high byte, grey replic
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from contextlib import contextmanager
@@ -47,7 +48,8 @@ def open_image(path: str | Path):
         with Image.open(path) as im:
             yield im
     except FileNotFoundError:
-        raise AfineError(f"{path}: image file not found") from None
+        link = f" (a broken symbolic link to {os.readlink(path)})" if os.path.islink(path) else ""
+        raise AfineError(f"{path}: image file not found{link}") from None
     except Image.DecompressionBombError as e:
         raise AfineError(f"{path}: image refused, too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -76,8 +78,10 @@ def check_size(path: str | Path, h: int, w: int) -> None:
         _warned.add(str(path))
     if small:
         warn(f"{path}: tiny image ({w}x{h}); below {MIN_SIDE}x{MIN_SIDE} its A-FINE score means little")
-    else:
-        warn(f"{path}: very large image ({w}x{h}, {h * w / 1e6:.0f} MP); scoring it needs a lot of memory")
+        return
+    why = [f"a side over {MAX_SIDE} pixels"] if max(h, w) > MAX_SIDE else []
+    why += [f"{h * w / 1e6:.1f} MP, over {MAX_PIXELS / 1e6:.0f} MP"] if h * w > MAX_PIXELS else []
+    warn(f"{path}: very large image ({w}x{h}: {' and '.join(why)}); scoring it needs a lot of memory")
 
 
 def load_image(path: str | Path, warn_size: bool = True) -> torch.Tensor:

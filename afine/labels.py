@@ -2,7 +2,8 @@
 
 Readers validate every line and raise AfineError("path:LINE: ...") on malformed input; writers
 produce the distributed formats. Also here: the "nlogn" triplet generation from MOS lists, the
-PIPAL MOS normalisation used by fit_gamma, and TID2013's lower-casing preparation step.
+PIPAL MOS normalisation used by fit_gamma, TID2013's lower-casing preparation step, and a dataset's label
+files from a CSV of dis,ref,mos rows (the rows read and checked by afine/csvdataset.py).
 
 Labels g: 1 = first image better, 0 = second better, 0.5 = same. MOS: higher is better.
 
@@ -21,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from .atomic import check_writable, write_text
-from .errors import AfineError, ArgumentParser, command, warn
+from . import csvdataset
+from .atomic import atomic_folder, check_writable, write_text
+from .errors import AfineError, ArgumentParser, command, printable, warn
 
 LABELS = (0.0, 0.5, 1.0)
 SPLITS = ("Train", "Validation", "Test")
@@ -113,11 +116,10 @@ def _name(path: Path, line: int, what: str, text: str) -> str:
     return text
 
 
-def read_mos(path: str | Path) -> list[MOSRecord]:
-    """Read a MOS list: 'dis,ref,mos' lines (PIPAL, TID2013) or 'dis,ref,mos,var' lines (KADID-10k)."""
+def read_mos_numbered(path: str | Path) -> list[tuple[int, MOSRecord]]:
+    """Like read_mos, with each record's line number (for error messages further down the line)."""
     path = Path(path)
     records = []
-    numbers = []
     for line, fields in _lines(path):
         if len(fields) not in (3, 4):
             raise AfineError(f"{path}:{line}: expected 3 or 4 columns (dis,ref,mos[,var]), got {len(fields)}")
@@ -125,21 +127,35 @@ def read_mos(path: str | Path) -> list[MOSRecord]:
         ref = _name(path, line, "reference", fields[1])
         mos = _number(path, line, "MOS", fields[2])
         var = _number(path, line, "variance", fields[3]) if len(fields) == 4 else None
-        records.append(MOSRecord(dis, ref, mos, var))
-        numbers.append(line)
-    _warn_duplicates(path, list(zip(numbers, records)))
+        records.append((line, MOSRecord(dis, ref, mos, var)))
+    _warn_duplicates(path, records)
     return records
+
+
+def read_mos(path: str | Path) -> list[MOSRecord]:
+    """Read a MOS list: 'dis,ref,mos' lines (PIPAL, TID2013) or 'dis,ref,mos,var' lines (KADID-10k)."""
+    return [r for _, r in read_mos_numbered(path)]
+
+
+def mos_files(folder: str | Path) -> list[Path]:
+    """The *.txt MOS lists of a MOS/ folder in sorted file-name order (none if the folder is missing)."""
+    return sorted(Path(folder).glob("*.txt"))
+
+
+def read_mos_folder_numbered(folder: str | Path) -> list[tuple[Path, int, MOSRecord]]:
+    """Like read_mos_folder, with each record's file and line number."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AfineError(f"{folder}: MOS folder not found")
+    files = mos_files(folder)
+    if not files:
+        raise AfineError(f"{folder}: no *.txt MOS files in folder")
+    return [(f, line, record) for f in files for line, record in read_mos_numbered(f)]
 
 
 def read_mos_folder(folder: str | Path) -> list[MOSRecord]:
     """Every *.txt MOS list of a MOS/ folder, concatenated in sorted file-name order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise AfineError(f"{folder}: MOS folder not found")
-    files = sorted(folder.glob("*.txt"))
-    if not files:
-        raise AfineError(f"{folder}: no *.txt MOS files in folder")
-    return [record for f in files for record in read_mos(f)]
+    return [record for _, _, record in read_mos_folder_numbered(folder)]
 
 
 def read_triplets_numbered(path: str | Path) -> list[tuple[int, Triplet]]:
@@ -310,16 +326,52 @@ def lowercase_tid2013(root: str | Path) -> dict[str, int]:
     return counts
 
 
+def dataset_from_csv(csv_path: str | Path, out: str | Path, seed: int = 0, images: str = "copy",
+                     progress: bool = True) -> dict[str, dict[str, int]]:
+    """A dataset in the traditional layout from a CSV of dis,ref,mos rows (afine/csvdataset.py): every row checked
+    first, then the folder built beside `out` and renamed to it when complete, so a failure leaves `out` as it
+    was. Returns per split the counts of references, distorted images and triplets."""
+    if images not in csvdataset.IMAGE_MODES:
+        raise AfineError(f"--images {images!r}: expected one of {', '.join(csvdataset.IMAGE_MODES)}")
+    csv_path, out = Path(csv_path), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AfineError(f"{out}: exists and is not an empty folder; choose a new output folder")
+    rows = csvdataset.read_rows(csv_path)
+    csvdataset.check_rows(csv_path, rows)
+    try:
+        splits = dict(zip(SPLITS, csvdataset.split_references([r.ref.name for r in rows], seed)))
+    except AfineError as e:
+        raise AfineError(f"{csv_path}: {e}") from None
+    groups: dict[str, list[MOSRecord]] = {}
+    for r in rows:
+        groups.setdefault(r.ref.name, []).append(MOSRecord(r.dis.name, r.ref.name, r.mos))
+    sources = list(dict.fromkeys(p for r in rows for p in (r.ref, r.dis)))
+    counts = {}
+    with atomic_folder(out) as folder:
+        (folder / "images").mkdir()
+        for source in tqdm(sources, desc=images, unit="img", file=sys.stderr, disable=not progress, leave=False):
+            csvdataset.place_image(source, folder / "images" / source.name, images)
+        for split, references in splits.items():
+            for ref in references:
+                write_mos(folder / split / "MOS" / f"{Path(ref).stem}.txt", groups[ref])
+            flat = [record for ref in references for record in groups[ref]]
+            triplets = nlogn_triplets(flat, seed)
+            write_triplets(folder / split / "Triplet" / "Triplet.txt", triplets)
+            counts[split] = {"references": len(references), "distorted": len(flat), "triplets": len(triplets)}
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
 def _cmd_nlogn(args: argparse.Namespace) -> None:
-    check_writable(args.out)
+    check_writable(args.out, mos_files(args.mos_dir))
     records = read_mos_folder(args.mos_dir)
     triplets = nlogn_triplets(records, args.seed)
     write_triplets(args.out, triplets)
     groups = len({r.ref for r in records})
-    print(f"wrote {len(triplets)} triplets from {len(records)} MOS records in {groups} groups to {args.out}")
+    print(f"wrote {len(triplets)} triplets from {len(records)} MOS records in {groups} groups to "
+          f"{printable(args.out)}")
 
 
 def _cmd_lowercase(args: argparse.Namespace) -> None:
@@ -329,15 +381,24 @@ def _cmd_lowercase(args: argparse.Namespace) -> None:
 
 def _cmd_pipal_mos(args: argparse.Namespace) -> None:
     if args.out:
-        check_writable(args.out)
+        check_writable(args.out, mos_files(args.mos_dir))
     records = read_mos_folder(args.mos_dir)
     y = normalise_pipal_mos(np.array([r.mos for r in records]))
     normalised = [MOSRecord(r.dis, r.ref, float(v)) for r, v in zip(records, y)]
     if args.out:
         write_mos(args.out, normalised)
-        print(f"wrote {len(normalised)} normalised MOS records to {args.out}")
+        print(f"wrote {len(normalised)} normalised MOS records to {printable(args.out)}")
     else:
         sys.stdout.write("".join(f"{r.dis},{r.ref},{_fmt(r.mos)}\n" for r in normalised))
+
+
+def _cmd_from_csv(args: argparse.Namespace) -> None:
+    counts = dataset_from_csv(args.csv, args.out, args.seed, args.images, progress=not args.no_progress)
+    out = Path(args.out)
+    summary = ", ".join(f"{split} {c['references']} references / {c['distorted']} images / {c['triplets']} triplets"
+                        for split, c in counts.items())
+    print(f"wrote {printable(out)} (images {csvdataset.IMAGE_MODES[args.images]}): {summary}")
+    print(f"use it as dataset {printable(out.name)!r} with data root {printable(out.parent)}")
 
 
 @command
@@ -356,11 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mos-dir", required=True, help="folder of MOS *.txt lists")
     p.add_argument("--out", help="MOS list to write (default: print dis,ref,mos lines)")
     p.set_defaults(func=_cmd_pipal_mos)
-    from . import csvdataset  # imports this module: only once it is fully defined
-
     p = sub.add_parser("from-csv", help="make a dataset in the traditional layout from a CSV of dis,ref,mos rows")
     csvdataset.add_arguments(p)
-    p.set_defaults(func=csvdataset.run)
+    p.set_defaults(func=_cmd_from_csv)
     args = parser.parse_args(argv)
     args.func(args)
     return 0

@@ -4,7 +4,8 @@
     python -m afine score --clip ViT-B-32.pt --weights afine.pth --pairs pairs.txt --json > scores.jsonl
     python -m afine score --clip ViT-B-32.pt --weights afine.pth results/ references/ --csv scores.csv
 
-Folders are paired by file name (afine/folders.py).
+Folders are paired by file name (afine/folders.py). File names that are not UTF-8 are shown escaped in the table,
+CSV and JSON (afine.errors.printable). An output file that is one of the inputs is refused before any work.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .atomic import write_text
-from .errors import AfineError
+from .atomic import check_writable, write_text
+from .checkpoint import weight_files
+from .errors import AfineError, printable
 from .folders import image_pairs
 from .image import image_size, load_image
 from .model import AFINE, TERMS, load_afine
@@ -117,7 +119,7 @@ def check_finite(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]
 
 
 def format_table(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> str:
-    names = [(str(d), str(r)) for d, r in pairs]
+    names = [(printable(d), printable(r)) for d, r in pairs]
     wd = max([3] + [len(d) for d, _ in names])
     wr = max([3] + [len(r) for _, r in names])
     lines = [f"{'dis':<{wd}}  {'ref':<{wr}}  " + "  ".join(f"{t:>15}" for t in TERMS)]
@@ -128,8 +130,8 @@ def format_table(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]
 
 def mean_row(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> str:
     """The table's last row: the mean of every term, aligned with format_table's columns."""
-    wd = max([3] + [len(str(d)) for d, _ in pairs])
-    wr = max([3] + [len(str(r)) for _, r in pairs])
+    wd = max([3] + [len(printable(d)) for d, _ in pairs])
+    wr = max([3] + [len(printable(r)) for _, r in pairs])
     means = [sum(res[t] for res in results) / len(results) for t in TERMS]
     return f"{'mean':<{wd}}  {f'({len(results)} pairs)':<{wr}}  " + "  ".join(f"{m:>15.6f}" for m in means)
 
@@ -139,11 +141,9 @@ def write_csv(path: str | Path, pairs: list[tuple[Path, Path]], results: list[di
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["dis", "ref", *TERMS])
-    writer.writerows([str(d), str(r), *(repr(res[t]) for t in TERMS)] for (d, r), res in zip(pairs, results))
-    try:
-        write_text(path, text.getvalue())
-    except OSError as e:
-        raise AfineError(f"{path}: cannot write CSV ({e.strerror or e})") from None
+    writer.writerows([printable(d), printable(r), *(repr(res[t]) for t in TERMS)]
+                     for (d, r), res in zip(pairs, results))
+    write_text(path, text.getvalue())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,8 +174,9 @@ def run(args: argparse.Namespace) -> int:
         pairs = image_pairs(*args.images, skip_unpaired=args.skip_unpaired)
     else:
         raise AfineError("give DIS REF (images, or folders paired by name) or --pairs FILE")
-    if args.csv and Path(args.csv).is_dir():
-        raise AfineError(f"{args.csv}: --csv names a folder, expected a file")
+    if args.csv:  # before the work, not after it; never over an image, the pairs file or the weights
+        inputs = [p for pair in pairs for p in pair] + [Path(f) for f in (args.pairs, args.clip) if f]
+        check_writable(args.csv, inputs + weight_files(args.weights))
     if args.batch_size < 1:
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
@@ -188,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
     results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress)
     check_finite(pairs, results)
     if args.json:
-        print("\n".join(json.dumps({"dis": str(d), "ref": str(r), **res}) for (d, r), res in zip(pairs, results)))
+        print("\n".join(json.dumps({"dis": printable(d), "ref": printable(r), **res})
+                        for (d, r), res in zip(pairs, results)))
     else:
         print(format_table(pairs, results))
         if len(results) > 1:

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 import torch
 
-from afine.atomic import atomic_write, check_writable, write_json, write_text
+from afine.atomic import atomic_folder, atomic_write, check_writable, write_json, write_text
 from afine.checkpoint import atomic_save
 from afine.errors import AfineError
 
@@ -61,11 +61,15 @@ def test_target_that_is_a_folder(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_parent_that_is_a_file(tmp_path):
+@pytest.mark.parametrize("below", [("x.txt",), ("sub", "x.txt")])
+def test_parent_that_is_a_file(tmp_path, below):
+    """The reason is the file in the way, not the 'file exists' that creating the folder would report."""
     (tmp_path / "file").write_text("keep")
-    with pytest.raises(AfineError) as info:
-        write_text(tmp_path / "file" / "x.txt", "x")
-    assert str(info.value).startswith(f"{tmp_path / 'file' / 'x.txt'}: cannot write (")
+    target = tmp_path.joinpath("file", *below)
+    for action in (lambda: write_text(target, "x"), lambda: check_writable(target)):
+        with pytest.raises(AfineError) as info:
+            action()
+        assert str(info.value) == f"{target}: cannot write, {tmp_path / 'file'} is not a folder"
     assert (tmp_path / "file").read_text() == "keep"
 
 
@@ -100,3 +104,50 @@ def test_check_writable(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(AfineError, match=r"file is not a folder"):
         check_writable(tmp_path / "file" / "sub" / "x.json")
+
+
+def test_an_output_that_is_an_input_is_refused_by_identity(tmp_path):
+    """Another spelling, a symbolic link or a hard link to an input is that input; a copy of it is not."""
+    (tmp_path / "data").mkdir()
+    source = tmp_path / "data" / "weights.pth"
+    source.write_bytes(b"keep")
+    (tmp_path / "link.pth").symlink_to(source)
+    os.link(source, tmp_path / "hard.pth")
+    (tmp_path / "copy.pth").write_bytes(b"keep")
+    for output in (source, tmp_path / "data" / ".." / "data" / "weights.pth", tmp_path / "link.pth",
+                   tmp_path / "hard.pth"):
+        with pytest.raises(AfineError) as info:
+            check_writable(output, [tmp_path / "other.pth", source])
+        spelling = "" if output == source else f" (as {source})"
+        assert str(info.value) == f"{output}: cannot write, this command reads that file{spelling}; " \
+                                  f"choose another output"
+    for output in (tmp_path / "copy.pth", tmp_path / "new.pth"):
+        check_writable(output, [source, tmp_path / "missing.pth"])
+    assert source.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_atomic_folder_appears_complete_or_not_at_all(tmp_path, umask, existing):
+    umask(0o027)
+    out = tmp_path / "a" / "Out"
+    if existing:
+        out.mkdir(parents=True)  # an empty folder is replaced
+    with atomic_folder(out) as folder:
+        assert not (out / "x.txt").exists() and folder.parent == out.parent
+        write_text(folder / "sub" / "x.txt", "x")
+    assert (out / "sub" / "x.txt").read_text() == "x" and mode(out) == 0o750
+    assert [p.name for p in out.parent.iterdir()] == ["Out"]
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()])
+@pytest.mark.parametrize("existing", [False, True])
+def test_atomic_folder_failure_leaves_the_target_as_it_was(tmp_path, failure, existing):
+    out = tmp_path / "Out"
+    if existing:
+        out.mkdir()
+    with pytest.raises(AfineError if isinstance(failure, OSError) else KeyboardInterrupt):
+        with atomic_folder(out) as folder:
+            write_text(folder / "x.txt", "x")
+            raise failure
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["Out"] if existing else [])
+    assert not existing or list(out.iterdir()) == []

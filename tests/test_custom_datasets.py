@@ -237,3 +237,49 @@ def test_csv_level_errors(source, tmp_path, capsys):
     assert code == 2 and "Full: exists and is not an empty folder" in err
     code, _, err = from_csv(capsys, folder / "none.csv", "--out", tmp_path / "None")
     assert code == 2 and "none.csv: CSV file not found" in err
+
+
+@pytest.mark.parametrize("images", ["symlink", "hardlink"])
+def test_one_image_by_a_relative_and_an_absolute_path_is_one_image(source, tmp_path, capsys, monkeypatch, images):
+    folder, _ = source
+    rows = (folder / "scores.csv").read_text().splitlines()
+    rows[1] = rows[1].replace("hr/", f"{folder / 'hr'}/")  # scene0.png by its absolute path, relative below
+    mixed = folder / f"mixed_{images}.csv"
+    mixed.write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(folder)
+    try:
+        code, out, err = from_csv(capsys, mixed.name, "--out", tmp_path / "Mixed", "--images", images)
+    finally:
+        mixed.unlink()
+    assert code == 0, err
+    written = (tmp_path / "Mixed" / "images").iterdir()
+    assert sorted(p.name for p in written) == sorted({n for r in rows[1:] for n in
+                                                      (Path(r.split(",")[0]).name, Path(r.split(",")[1]).name)})
+
+
+@pytest.mark.parametrize("failure", ["disk_full", "ctrl_c"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failure_midway_leaves_out_as_it_was_and_the_rerun_works(source, tmp_path, capsys, monkeypatch, failure,
+                                                                   existing):
+    folder, _ = source
+    out = tmp_path / "data" / "MyIQA"
+    if existing:
+        out.mkdir(parents=True)  # an empty folder is accepted, and stays as it was on failure
+    copy2, copied = shutil.copy2, []
+
+    def fail_on_the_fifth(src, dst):
+        if len(copied) == 4:
+            raise OSError(28, "No space left on device") if failure == "disk_full" else KeyboardInterrupt
+        copied.append(dst)
+        return copy2(src, dst)
+
+    monkeypatch.setattr(shutil, "copy2", fail_on_the_fifth)
+    code, out_text, err = from_csv(capsys, folder / "scores.csv", "--out", out)
+    assert (code, out_text) == ((2, "") if failure == "disk_full" else (130, ""))
+    assert err.count("\n") == 1 and ("no space left on device" in err if failure == "disk_full" else
+                                     err == "interrupted\n"), err
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == (["MyIQA"] if existing else [])
+    assert not existing or list(out.iterdir()) == []
+    monkeypatch.setattr(shutil, "copy2", copy2)
+    assert from_csv(capsys, folder / "scores.csv", "--out", out)[0] == 0
+    assert len(list((out / "images").iterdir())) == SCENES * (METHODS + 1)

@@ -355,3 +355,38 @@ def test_ctrl_c_while_loader_workers_start_is_one_line_and_exit_130(hand, tmp_pa
                                                 "--stage", "1", "--workers", "2", "--batch-size", "1",
                                                 "--no-progress"], tmp_path)
     assert (code, err) == (130, "interrupted\n")
+
+
+@pytest.mark.parametrize("case", ["weights", "clip", "triplet_list", "mos_list", "image_through_a_link"])
+def test_json_over_a_file_it_reads_is_refused_before_the_work(hand, capsys, tmp_path, monkeypatch, case):
+    import evaluate
+
+    run, data, _ = hand
+    kadid = data / "KADID10K"
+    extra = []
+    if case == "clip":
+        extra = ["--clip", run / "clip_model.pth"]
+    if case == "image_through_a_link":
+        (tmp_path / "images").symlink_to(kadid / "images")
+    target = {"weights": run / "net_qhead.pth", "clip": run / "clip_model.pth",
+              "triplet_list": kadid / "Test" / "Triplet" / "Triplet.txt",
+              "mos_list": kadid / "Test" / "MOS" / "I01.txt",
+              "image_through_a_link": tmp_path / "images" / "I01_01_04.png"}[case]
+    before = target.read_bytes()
+    monkeypatch.setattr(evaluate, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+    code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", data, "--weights", run, "--stage", "1",
+                             *extra, "--json", target)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {target}: cannot write, this command reads that file"), err
+    assert target.read_bytes() == before
+
+
+def test_a_mos_list_naming_a_missing_image_is_named_by_file_and_line(hand, capsys, tmp_path):
+    _, data, _ = hand
+    copy = tmp_path / "data"
+    shutil.copytree(data / "KADID10K", copy / "KADID10K")
+    mos = copy / "KADID10K" / "Test" / "MOS" / "I01.txt"
+    mos.write_text("I01_01_01.png,I01.png,4.5,0.1\nI01_01_09.png,I01.png,3.0,0.1\n")
+    code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", copy, "--weights", tmp_path)
+    assert (code, out) == (2, "")
+    assert err == f"error: {mos}:2: image 'I01_01_09.png' not found under {copy / 'KADID10K' / 'images'}\n"

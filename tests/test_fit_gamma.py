@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from afine.errors import AfineError
 from afine.evaluation import score_items
 from afine.labels import MOSRecord, read_mos, write_mos
 from afine.model import load_afine
@@ -51,7 +52,7 @@ def steep_parameters(x: np.ndarray) -> tuple[float, float]:
 
 def test_nr_cli_recovers_known_parameters(corpus, tmp_path, capsys):
     data, paths = corpus
-    items, _ = nr_data(data)
+    items, _, _ = nr_data(data)
     model = load_afine(None, paths["afine"], require=("natural",))
     x = score_items(model, items, 1, progress=False)
     g3, g4 = steep_parameters(x)
@@ -77,7 +78,7 @@ def test_nr_cli_recovers_known_parameters(corpus, tmp_path, capsys):
 
 def test_scale_cli_recovers_known_parameters(corpus, tmp_path, capsys):
     data, paths = corpus
-    items, _ = scale_data(data)
+    items, _, _ = scale_data(data)
     model = load_afine(None, paths["afine"])
     x = score_items(model, items, 3, progress=False)
     c, w = steep_parameters(x)
@@ -127,3 +128,32 @@ def test_unwritable_out_fails_before_the_work(corpus, tmp_path, capsys, monkeypa
                  "--no-progress", "--workers", "0"])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.startswith(f"error: {out_file}: cannot write") and err.count("\n") == 1
+
+
+def test_out_over_a_file_it_reads_is_refused_before_the_work(corpus, capsys, monkeypatch):
+    import fit_gamma
+
+    data, paths = corpus
+    monkeypatch.setattr(fit_gamma, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+    mos = sorted((data / "PIPAL" / "Train" / "MOS").glob("*.txt"))[0]
+    for target in (paths["folder"] / "net_qhead.pth", mos):
+        before = target.read_bytes()
+        code = main(["nr", "--data-root", str(data), "--weights", str(paths["folder"]), "--out", str(target),
+                     "--no-progress"])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "" and err.count("\n") == 1
+        assert err.startswith(f"error: {target}: cannot write, this command reads that file"), err
+        assert target.read_bytes() == before
+
+
+def test_a_mos_list_naming_a_missing_image_is_named_by_file_and_line(tmp_path):
+    """The MOS list at fault is I02.txt, line 2 (not 'I02.png.txt', guessed from the reference's name)."""
+    images = tmp_path / "PIPAL" / "images"
+    images.mkdir(parents=True)
+    for name in ("I02.png", "I02_01.png"):
+        (images / name).write_bytes(b"")  # never decoded: the names are checked first
+    mos = tmp_path / "PIPAL" / "Train" / "MOS" / "I02.txt"
+    write_mos(mos, [MOSRecord("I02_01.png", "I02.png", 1.0), MOSRecord("I02_09.png", "I02.png", 2.0)])
+    with pytest.raises(AfineError) as info:
+        nr_data(tmp_path)
+    assert str(info.value) == f"{mos}:2: image 'I02_09.png' not found under {images}"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from afine import image
 from afine.errors import AfineError
 from afine.image import image_size, load_image
 
@@ -90,8 +91,23 @@ def test_tiny_and_huge_images_warn_once_per_path(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2
     assert err[0].startswith(f"warning: {tiny}: ") and "12x10" in err[0]
-    assert err[1].startswith(f"warning: {huge}: ") and "9000x40" in err[1]
+    assert err[1] == f"warning: {huge}: very large image (9000x40: a side over 8000 pixels); scoring it needs a " \
+                     f"lot of memory"  # not '0 MP', which would not say why
     normal = tmp_path / "normal.png"
     Image.new("RGB", (64, 32)).save(normal)
     load_image(normal)
     assert capsys.readouterr().err == ""
+
+
+def test_a_very_large_image_warning_says_which_limit_it_passes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(image, "MAX_PIXELS", 2_000_000)
+    many, both = tmp_path / "many.png", tmp_path / "both.png"
+    Image.new("L", (2000, 1500)).save(many)
+    Image.new("L", (8100, 400)).save(both)
+    image_size(many)
+    image_size(both)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"warning: {many}: very large image (2000x1500: 3.0 MP, over 2 MP); scoring it needs a lot " \
+                     f"of memory"
+    assert err[1].startswith(f"warning: {both}: very large image (8100x400: a side over 8000 pixels and 3.2 MP, "
+                             f"over 2 MP)")

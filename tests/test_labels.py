@@ -316,3 +316,19 @@ def test_repeated_entry_warns_once_naming_both_lines(tmp_path, capsys, reader, l
     unique.write_text("\n".join(lines[:2]) + "\n")
     reader(unique)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", ["nlogn", "pipal-mos"])
+def test_cli_out_over_a_mos_list_it_reads_is_refused(tmp_path, capsys, command):
+    mos_dir = tmp_path / "MOS"
+    write_mos(mos_dir / "A.txt", _group("A", 7, float))
+    write_mos(mos_dir / "B.txt", _group("B", 7, float))
+    before = (mos_dir / "B.txt").read_bytes()
+    (tmp_path / "alias").symlink_to(mos_dir)
+    for out in (mos_dir / "B.txt", tmp_path / "alias" / "B.txt"):
+        assert main([command, "--mos-dir", str(mos_dir), "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: {out}: cannot write, this command reads that file")
+        assert captured.err.count("\n") == 1 and captured.out == ""
+    assert (mos_dir / "B.txt").read_bytes() == before
+

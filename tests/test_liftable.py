@@ -3,7 +3,8 @@
 Each file is checked twice: statically (every import statement, including those inside functions), and by
 copying it alone into an empty folder and importing and running it from there in a fresh interpreter in which
 `afine` and the other liftable files cannot be imported (one interpreter for all five, to pay torch's import
-once; each file's own folder is the first entry of sys.path while it is imported).
+once; each file's own folder is the first entry of sys.path while it is imported). Also: the package's modules
+import each other without cycles.
 """
 
 from __future__ import annotations
@@ -98,13 +99,16 @@ def lifted(tmp_path_factory):
 
 
 def imported_modules(path: Path) -> list[str]:
-    """Every module an import statement of the file names ('.x' for relative imports), in source order."""
+    """Every module an import statement of the file names ('.x' for relative imports, also for `from . import x`),
+    in source order."""
     names = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module is None:
+            names += ["." * node.level + alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            names.append("." * node.level + (node.module or ""))
+            names.append("." * node.level + node.module)
     return names
 
 
@@ -134,3 +138,18 @@ def test_the_heads_undo_the_normalisation_that_preprocessing_applies():
     head = naturalness.NaturalnessHead(8, 2)
     for tokens in (naturalness.pixel_tokens(x, head.mean, head.std), fidelity.pixel_tokens(x, head.mean, head.std)):
         assert torch.allclose(tokens, pixels.flatten(2).transpose(1, 2), atol=1e-6)
+
+
+def test_the_package_modules_import_each_other_without_cycles():
+    """E.g. the command line of afine.labels takes from-csv from afine.csvdataset, which needs nothing of labels."""
+    modules = {p.stem for p in (ROOT / "afine").glob("*.py")}
+    imports = {name: {m.removeprefix("afine.").lstrip(".").split(".")[0]
+                      for m in imported_modules(ROOT / "afine" / f"{name}.py") if m.startswith((".", "afine."))}
+               & modules - {name}
+               for name in modules}
+    assert "csvdataset" in imports["labels"]
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(m == goal or (m not in seen and not seen.add(m) and reaches(m, goal, seen)) for m in imports[start])
+
+    assert sorted(name for name in modules if reaches(name, name, set())) == []

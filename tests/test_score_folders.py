@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +125,7 @@ def test_exact_name_wins_over_stem_and_two_stems_are_ambiguous(weights, folders,
     code, _, err = score(capsys, weights, dis, ref, "--no-progress")
     assert code == 2 and "c.jpg (several references: c.bmp, c.png, c.tif)" in err
     assert "a.jpg (no test image a.* in" in err and "a.png (no" not in err
+    assert "(no test image c.*" not in err  # c.jpg is there, with several references: not each a leftover
 
 
 @pytest.mark.parametrize("case, culprit", [
@@ -130,7 +134,7 @@ def test_exact_name_wins_over_stem_and_two_stems_are_ambiguous(weights, folders,
     ("missing_reference", "nowhere: reference folder or image not found"),
     ("size_mismatch", "b.jpg: size 20x24 differs from reference"),
     ("skip_with_pairs", "--skip-unpaired applies to folders"),
-    ("csv_is_folder", "--csv names a folder"),
+    ("csv_is_folder", ": cannot write, it is a folder"),
     ("nothing_paired", "no test image has a reference in"),
 ])
 def test_folder_errors_one_line_exit_2(weights, folders, capsys, tmp_path, case, culprit):
@@ -158,3 +162,124 @@ def test_folder_errors_one_line_exit_2(weights, folders, capsys, tmp_path, case,
     assert code == 2 and out == ""
     error = [line for line in err.splitlines() if not line.startswith("warning: ")]
     assert len(error) == 1 and error[0].startswith("error: ") and culprit in error[0], err
+
+
+def test_pairs_follow_names_not_positions(weights, tmp_path, capsys):
+    """Sorted test images and sorted references do not line up: a.bmp sorts before a.c.png but its reference
+    a.png after a.c.png; two test images share the reference b.bmp by stem; an exact name wins over a stem."""
+    rng = np.random.default_rng(3)
+    for name in ("a.png", "a.c.png", "b.bmp", "d.png", "d.jpg"):
+        save(tmp_path / "refs" / name, rng.integers(0, 256, (40, 48, 3)))
+    for name in ("a.bmp", "a.c.png", "b.jpg", "b.png", "d.jpg"):
+        save(tmp_path / "outs" / name, rng.integers(0, 256, (40, 48, 3)))
+    code, out, err = score(capsys, weights, tmp_path / "outs", tmp_path / "refs", "--json", "--no-progress",
+                           "--skip-unpaired")
+    assert code == 0, err
+    pairs = [(Path(json.loads(line)["dis"]).name, Path(json.loads(line)["ref"]).name) for line in out.splitlines()]
+    assert pairs == [("a.bmp", "a.png"), ("a.c.png", "a.c.png"), ("b.jpg", "b.bmp"), ("b.png", "b.bmp"),
+                     ("d.jpg", "d.jpg")]
+    assert err == f"warning: skipped 1 image(s): {tmp_path / 'refs' / 'd.png'} (no test image d.* in " \
+                  f"{tmp_path / 'outs'})\n"
+
+
+def unchanged(paths: list[Path]):
+    """The bytes of files, to check afterwards that nothing wrote over them."""
+    return {p: p.read_bytes() for p in paths if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["image", "image_other_spelling", "image_hard_link", "pairs_file", "weights",
+                                  "clip"])
+def test_csv_over_an_input_is_refused_before_any_work(weights, folders, capsys, tmp_path, monkeypatch, case):
+    from afine import score as score_module
+
+    dis, ref = folders
+    args = [dis, ref]
+    csv_file = {"image": dis / "a.png", "image_other_spelling": ref / ".." / "results" / "b.jpg",
+                "image_hard_link": tmp_path / "scores.csv", "pairs_file": tmp_path / "pairs.txt",
+                "weights": weights, "clip": tmp_path / "clip.pth"}[case]
+    if case == "image_hard_link":
+        os.link(ref / "c.png", csv_file)
+    elif case == "pairs_file":
+        csv_file.write_text("results/a.png,references/a.png\n")
+        args = ["--pairs", csv_file]
+    elif case == "clip":
+        torch.save(load_afine(None, weights).clip.state_dict(), csv_file)
+        args += ["--clip", csv_file]
+    before = unchanged([csv_file, weights, *dis.iterdir(), *ref.iterdir()])
+    monkeypatch.setattr(score_module, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+    code, out, err = score(capsys, weights, "--no-progress", *args, "--csv", csv_file)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {csv_file}: cannot write, this command reads that file"), err
+    assert unchanged(list(before)) == before
+
+
+def test_unwritable_csv_is_refused_before_scoring_naming_the_file_in_the_way(weights, folders, capsys, tmp_path,
+                                                                               monkeypatch):
+    from afine import score as score_module
+
+    dis, ref = folders
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(score_module, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+    target = tmp_path / "file" / "scores.csv"
+    code, out, err = score(capsys, weights, "--no-progress", dis, ref, "--csv", target)
+    assert (code, out) == (2, "")
+    assert err == f"error: {target}: cannot write, {tmp_path / 'file'} is not a folder\n"
+
+
+@pytest.mark.parametrize("reference", ["folder", "image"])
+def test_a_broken_symbolic_link_is_an_unreadable_image_or_listed_as_skipped(weights, folders, capsys, tmp_path,
+                                                                              reference):
+    dis, ref = folders
+    (dis / "a.png").unlink()
+    (dis / "a.png").symlink_to(tmp_path / "gone.png")
+    ref_arg = ref if reference == "folder" else ref / "b.png"
+    code, out, err = score(capsys, weights, "--no-progress", dis, ref_arg)
+    assert (code, out) == (2, "")
+    assert err == f"error: {dis / 'a.png'}: image file not found (a broken symbolic link to {tmp_path / 'gone.png'})\n"
+    code, out, err = score(capsys, weights, "--no-progress", "--json", dis, ref_arg, "--skip-unpaired")
+    assert code == 0
+    assert [Path(json.loads(line)["dis"]).name for line in out.splitlines()] == ["b.jpg", "c.png"]
+    assert err == f"warning: skipped 1 image(s): {dis / 'a.png'} (broken symbolic link to {tmp_path / 'gone.png'})\n"
+
+
+@pytest.mark.parametrize("side", ["test", "reference", "unsearchable"])
+def test_unreadable_folder_is_one_error_line(weights, folders, capsys, monkeypatch, side):
+    """No permission to list a folder, or to look inside the one above it (simulated: the tests may run as root,
+    who may read anything)."""
+    dis, ref = folders
+    unreadable = ref if side == "reference" else dis
+    iterdir, stat = Path.iterdir, Path.stat
+
+    def refuse(self, *args, **kwargs):
+        if self == unreadable:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return (stat if side == "unsearchable" else iterdir)(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat" if side == "unsearchable" else "iterdir", refuse)
+    code, out, err = score(capsys, weights, "--no-progress", dis, ref)
+    assert (code, out) == (2, "")
+    assert err == f"error: {unreadable}: {'cannot read' if side == 'unsearchable' else 'cannot read folder'} " \
+                  f"(permission denied)\n"
+
+
+def test_names_that_are_not_utf8_are_escaped_in_table_csv_and_json(weights, folders, capsys, tmp_path):
+    """b'\\xff' in a file name is shown as the four characters \\xff everywhere, as valid UTF-8."""
+    dis, ref = folders
+    odd = os.fsdecode(b"\xffq\xe9.png")  # not UTF-8: Python holds these bytes as lone surrogates
+    (dis / "a.png").rename(dis / odd)
+    (ref / "a.png").rename(ref / odd)
+    shown = "\\xffq\\xe9.png"
+    csv_file = tmp_path / "scores.csv"
+    code, out, err = score(capsys, weights, "--no-progress", dis, ref, "--csv", csv_file)
+    assert code == 0, err
+    assert out.splitlines()[3].split()[:2] == [f"{dis}/{shown}", f"{ref}/{shown}"]  # \xff sorts last
+    rows = list(csv.DictReader(io.StringIO(csv_file.read_bytes().decode("utf-8"))))
+    assert (rows[2]["dis"], rows[2]["ref"]) == (f"{dis}/{shown}", f"{ref}/{shown}")
+    code, out, err = score(capsys, weights, "--no-progress", "--json", dis, ref)
+    assert code == 0, err
+    assert "\\ud" not in out  # no lone surrogate, not even as a JSON escape
+    last = json.loads(out.splitlines()[2])
+    assert (last["dis"], last["ref"]) == (f"{dis}/{shown}", f"{ref}/{shown}")
+    (ref / odd).unlink()
+    code, out, err = score(capsys, weights, "--no-progress", dis, ref)
+    assert code == 2 and f"{dis}/{shown} (no reference" in err and "\\udc" not in err

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import builtins
+import collections
+import io
 import os
 import pickle
 import shutil
+import subprocess
 import warnings
 import zipfile
 
 import pytest
 import torch
+from PIL import Image
 
 from afine.checkpoint import build_clip, read_afine_parts, read_clip_file, torch_load
 from afine.errors import AfineError
 from afine.model import AFINE, TERMS, load_afine
-from afine.torchscript import is_torchscript_archive, read_torchscript_state_dict
+from afine.torchscript import (
+    Refused,
+    ScriptModule,
+    StateUnpickler,
+    is_torchscript_archive,
+    read_torchscript_state_dict,
+    rebuild_tensor,
+)
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 
@@ -155,3 +166,57 @@ def test_run_folder_clip_must_be_a_plain_state_dict(checkpoints, tmp_path):
     shutil.copy(checkpoints["clip_ts"], folder / "clip_model.pth")
     with pytest.raises(AfineError, match=r"clip_model\.pth: a TorchScript archive, expected a plain torch.save file"):
         read_afine_parts(folder)
+
+
+@pytest.mark.parametrize("name", ["eval", "exec", "getattr", "__import__", "Popen"])
+def test_every_dangerous_global_is_refused(checkpoints, tmp_path, name):
+    """A module tree needs module classes, tensors, storages and OrderedDict: anything else is refused unrun."""
+    marker = str(tmp_path / "pwned")
+    payload = {"eval": Call(builtins.eval, f"open({marker!r}, 'w')"),
+               "exec": Call(builtins.exec, f"open({marker!r}, 'w')"),
+               "getattr": Call(builtins.getattr, marker, "upper"),
+               "__import__": Call(builtins.__import__, "subprocess"),
+               "Popen": Call(subprocess.Popen, ["touch", marker])}[name]
+    crafted = tmp_path / "ViT-B-32.pt"
+    rewrite_archive(checkpoints["clip_ts"], crafted, {data_pkl_name(checkpoints["clip_ts"]): pickle.dumps(payload)})
+    with pytest.raises(AfineError, match=rf"names the global \w+\.{name},"):
+        read_clip_file(crafted)
+    assert not os.path.exists(marker)
+
+
+def test_the_allow_list_is_the_patterns_a_module_tree_needs_and_nothing_else():
+    unpickler = StateUnpickler(b"", zipfile.ZipFile(io.BytesIO(), "w"), "archive/")
+    assert unpickler.find_class("__torch__.model.CLIP", "CLIP") is ScriptModule
+    assert unpickler.find_class("torch._utils", "_rebuild_tensor_v2") is rebuild_tensor
+    assert unpickler.find_class("torch", "HalfStorage").dtype == torch.float16
+    assert unpickler.find_class("collections", "OrderedDict") is collections.OrderedDict
+    refused = [("builtins", name) for name in dir(builtins)] + [
+        ("torch", "load"), ("torch", "Tensor"), ("torch", "HalfStorageX"), ("torch._utils", "_rebuild_parameter"),
+        ("torch.jit", "load"), ("collections", "defaultdict"), ("os", "system"), ("posix", "system"),
+        ("subprocess", "Popen"), ("pickle", "loads"), ("_codecs", "encode"), ("torch_", "FloatStorage"),
+        ("__torch", "x"), ("numpy.core.multiarray", "_reconstruct")]
+    allowed = [(m, n) for m, n in refused if not raises_refused(unpickler, m, n)]
+    assert allowed == []
+
+
+def raises_refused(unpickler, module: str, name: str) -> bool:
+    try:
+        unpickler.find_class(module, name)
+    except Refused:
+        return True
+    return False
+
+
+def test_a_plain_pickle_is_one_error_line_without_torch_warnings(tmp_path, capsys):
+    """pickle.dump's protocol 4 makes torch.load warn in two lines before failing: only our line is shown."""
+    from afine.__main__ import main
+
+    path = tmp_path / "afine.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"natural": {"w": [1.0]}}, f, protocol=4)
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # as on a first run, whatever earlier tests have shown
+        code = main(["score", "--weights", str(path), str(tmp_path / "a.png"), str(tmp_path / "a.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {path}: cannot read checkpoint (") and err.count("\n") == 1, err
