@@ -6,12 +6,14 @@
 2. train stage 1 (CLIP + naturalness head) of a tiny randomly initialised model
 3. fit the stage-3 NR-mapping start on the PIPAL-like training MOS (fit_gamma.py nr)
 4. train stage 2 (fidelity head) and stage 3 (mappings + adapter)
-5. evaluate the untrained and the trained model on every synthetic benchmark (evaluate.py --bench all)
+5. evaluate the untrained and the trained model on every synthetic benchmark (evaluate.py --bench all); with
+   matplotlib, pictures: the three stages' training curves and a PNG per benchmark (README, "Curves and plots")
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -99,9 +101,11 @@ def main() -> None:
 
     step("5/5 evaluate on every synthetic benchmark: untrained vs trained")
     save_untrained_model(out / "untrained" / "afine.pth", args.seed)
+    plots = importlib.util.find_spec("matplotlib") is not None  # pictures are optional (pip install matplotlib)
     for name, weights in (("untrained", out / "untrained" / "afine.pth"), ("trained", out / "s3")):
         run("evaluate.py", "--bench", "all", "--data-root", data, "--weights", weights, "--json",
-            out / f"eval_{name}.json", "--no-progress")
+            out / f"eval_{name}.json", "--no-progress",
+            *(["--plots", out / "plots"] if name == "trained" and plots else []))
 
     before = json.loads((out / "eval_untrained.json").read_text())
     after = json.loads((out / "eval_trained.json").read_text())
@@ -134,6 +138,12 @@ def main() -> None:
           " reference is worse than the images under test - DiffIQA's P images, SR results that beat SRIQA's\n"
           " Original photo - which is what A-FINE's training fixes. diffiqa-nyy pairs each image with its own\n"
           " reference: fidelity alone is always right there, so 1.000 untrained cannot be beaten)")
+    if plots:
+        run("-m", "afine", "curves", out / "s1", out / "s2", out / "s3", "--out", out / "curves.png")
+        print(f"pictures: {out / 'curves.png'} (training curves of the three stages), {out / 'plots'}/ (one PNG "
+              "per benchmark: the trained model's scores against MOS, 2AFC accuracy per SR method / distortion type)")
+    else:
+        print("(pip install matplotlib to get pictures of the training curves and of the evaluation)")
     print(f"\noutputs in {out}: data/ (corpus), s1/ s2/ s3/ (run folders; s3/afine.pth is the merged model), "
           f"gamma.json, eval_untrained.json, eval_trained.json")
     print(f"score your own pairs with it:  python -m afine score --weights {out / 's3' / 'afine.pth'} DIS REF")

@@ -22,6 +22,9 @@ a 4-parameter logistic fit) and KRCC between -score and MOS (sign flipped becaus
 so agreement is positive; SRIQA scenes pooled). The stage-1 score of an image ignores its reference.
 --json FILE writes {benchmark: {"accuracy", "pairs", "correct", "seconds"[, "srcc", "plcc", "krcc", "mos_images"]}}
 for the evaluated benchmarks (skipped ones are left out).
+--plots DIR writes DIR/<benchmark>.png (needs matplotlib): for MOS-labelled sets the score against MOS with the
+fitted logistic, SRCC and PLCC; the 2AFC accuracy per SR method (SRIQA) or per distortion type where the file
+names carry it (README, "Curves and plots").
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ from afine.evaluation import (
 from afine.metrics import correlations, two_afc_accuracy
 from afine.model import load_afine
 
+SCORE_NAMES = {1: "raw naturalness N", 2: "raw fidelity F", 3: "A-FINE D"}
 
-def evaluate(model, benches, stage: int, cache: TermCache, **run) -> dict[str, dict]:
-    """Accuracy (and MOS correlations) of every loaded benchmark, sharing `cache` across them."""
+
+def evaluate(model, benches, stage: int, cache: TermCache, kept: dict | None = None, **run) -> dict[str, dict]:
+    """Accuracy (and MOS correlations) of every loaded benchmark, sharing `cache` across them. `kept`, when
+    given, receives each benchmark's {(image, reference): score} (for the plots)."""
     results = {}
     done: set[str] = set()
     for bench in benches:
@@ -65,6 +71,8 @@ def evaluate(model, benches, stage: int, cache: TermCache, **run) -> dict[str, d
             compute_terms(model, list(dict.fromkeys(shared)), stage, cache, desc=dataset, **run)
         items = bench.items()
         scores = dict(zip(items, item_scores(model, cache, items, stage)))
+        if kept is not None:
+            kept[bench.name] = scores
         u1 = [scores[it] for it in zip(bench.x1, bench.y)]
         u2 = [scores[it] for it in zip(bench.x2, bench.y)]
         accuracy, correct, pairs = two_afc_accuracy(u1, u2, bench.g)
@@ -106,11 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=3,
                         help="score: 1 raw naturalness, 2 raw fidelity, 3 D (default)")
     parser.add_argument("--json", help="write results to this JSON file")
+    parser.add_argument("--plots", metavar="DIR", help="write a PNG per benchmark into this folder (needs matplotlib)")
     add_model_arguments(parser)
     try:
         args = parser.parse_args(argv)
         check_model_arguments(args)
         names = parse_benchmarks(args.bench, args.data_root)
+        if args.plots:
+            from afine import plots  # imported only when asked for: evaluation alone does not pay for it
+
+            plots.check_plots(args.plots, names)
         all_named = "all" in [n.strip().lower() for n in args.bench.split(",")]
         skipped = {n: f"no folder {missing_folder(args.data_root, n)}" for n in names
                    if all_named and missing_folder(args.data_root, n) is not None}
@@ -124,15 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device, init_distributed(args.device))
         model = load_afine(args.clip, args.weights, require=STAGE_PARTS[args.stage], default_clip=DEFAULT_CLIP)
         model = model.to(device)
-        cache = TermCache()
+        cache, kept = TermCache(), {}
         start = time.perf_counter()
-        results = evaluate(model, benches, args.stage, cache, batch_size=args.batch_size, device=device,
+        results = evaluate(model, benches, args.stage, cache, kept, batch_size=args.batch_size, device=device,
                            workers=args.workers, progress=not args.no_progress)
         rank, _ = world()
         if rank == 0:
             print(table(names, results, skipped))  # results on stdout first, whatever happens to the file
             if args.json:
                 write_json(args.json, results)
+            if args.plots:
+                plots.benchmark_plots(benches, kept, results, SCORE_NAMES[args.stage], args.plots)
+                print(f"plots: {len(benches)} PNG files in {args.plots}", file=sys.stderr)
             distinct = len({p for b in benches for it in b.items() for p in (it if args.stage != 1 else it[:1])})
             print(f"stage {args.stage}: {distinct} distinct images, {cache.encoded} CLIP passes, "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr)

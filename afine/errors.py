@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -59,6 +60,16 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
             return 130
 
     return run
+
+
+def optional_import(module: str, package: str, extra: str, what: str):
+    """Import `module` of an optional dependency when a command needs it (never at start-up, so commands that
+    do not use it neither need it nor pay for its import); missing, it is one AfineError saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise AfineError(f"{what} needs the optional package {package}, which cannot be imported ({e}); install it "
+                         f"with: pip install {package}  (or, in this repository: pip install '.[{extra}]')") from None
 
 
 def warn(message: str) -> None:

@@ -3,7 +3,8 @@
 Run folder (`out_dir`): config.json (the resolved config), the stage's official files (the latest save),
 best/ (the official files of the validation with the best mean accuracy), saves/step_XXXXXXXX/ (every save's
 official files, with keep_saves), built_on.json (digests of the earlier stages' files it was trained on),
-log.jsonl, and state/step_XXXXXXXX.pt + .json (training state and its checksum; the last two kept).
+log.jsonl, state/step_XXXXXXXX.pt + .json (training state and its checksum; the last two kept), and with
+tensorboard the same curves as log.jsonl in tb/ (README, "Curves and plots").
 A run holds a lock on its folder. Starting again with the same out_dir resumes bitwise from the newest
 intact state; a damaged one is skipped with a warning. Training draws no random numbers (batch order and
 augmentation are functions of seed, epoch and index), so a state is weights, optimiser, scaler and step.
@@ -37,7 +38,7 @@ from .batches import shape_groups
 from .checkpoint import PART_FILES, atomic_save, load_strict, sha256
 from .datasets import ImageIndex, TripletDataset, collate_triplets, diffiqa_type_files, images_dir, resolve_triplets
 from .distributed import Dist
-from .errors import AfineError, unwrap_worker_error, warn
+from .errors import AfineError, optional_import, unwrap_worker_error, warn
 from .metrics import two_afc_accuracy
 from .schedule import cosine_restart_lr
 
@@ -89,6 +90,7 @@ class RunConfig:
     save_every: int = 1000  # training state + official files every this many steps (and at the end)
     keep_saves: bool = False  # also keep every save's official files in saves/step_XXXXXXXX/
     log_every: int = 10  # one log.jsonl line every this many steps
+    tensorboard: bool = False  # also write the logged curves to out_dir/tb/ (needs the tensorboard package)
     train_datasets: list[str] = field(default_factory=lambda: list(ALL))
     val_datasets: list[str] = field(default_factory=lambda: list(ALL))
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
@@ -138,7 +140,7 @@ class RunConfig:
 # Fields a resumed run may change: they do not alter the training trajectory (the global batch is checked apart).
 RESUMABLE = ("total_iter", "val_every", "save_every", "keep_saves", "log_every", "val_datasets", "workers", "device",
              "checkpoint_blocks", "resume", "overwrite", "data_root", "out_dir", "stage1_dir", "stage2_dir",
-             "batch_size", "grad_accum", "micro_batch", "cache", "cache_dir")
+             "batch_size", "grad_accum", "micro_batch", "cache", "cache_dir", "tensorboard")
 
 
 # ---------------------------------------------------------------------------------------------- model and data
@@ -203,6 +205,7 @@ class Run:
     best: dict = field(default_factory=lambda: {"step": None, "val_mean": -math.inf})
     saved: int | None = None  # step of the newest state on disk
     log_file: object = None
+    curves: object = None  # TensorBoard writer on tb/, with tensorboard
     bar: object = None
     lock: object = None
     tick: tuple = (0.0, 0)
@@ -215,10 +218,10 @@ class Run:
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in (self.bar, self.log_file, self.lock):
+        for handle in (self.bar, self.curves, self.log_file, self.lock):
             if handle is not None:
                 handle.close()
-        self.bar = self.log_file = self.lock = None
+        self.bar = self.curves = self.log_file = self.lock = None
 
 
 def state_files(state_dir: Path) -> list[tuple[int, Path]]:
@@ -314,7 +317,7 @@ def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict) -> tuple[s
         how = "resume it (--resume=true), pass" if states else "it has no training state to resume; pass"
         raise AfineError(f"{out}: holds an earlier run ({', '.join(held)}); {how} --overwrite=true to replace it, "
                          "or use another out_dir")
-    for name in held + ["log.jsonl", "built_on.json"]:
+    for name in held + ["log.jsonl", "built_on.json", "tb"]:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return "fresh", None
@@ -373,6 +376,8 @@ def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global
             print(f"resuming {out} from {Path(plan[1]).name} (step {run.step})", file=sys.stderr)
         run.log_file = open(out / "log.jsonl", "a")
         log(run, {"event": plan[0], "step": run.step, "world_size": d.world_size, "global_batch": global_batch})
+        if cfg.tensorboard:
+            run.curves = tensorboard_writer(out)
         if run.step >= cfg.total_iter:
             print(f"{out}: run finished at step {run.step} (total_iter {cfg.total_iter}); nothing to do. Raise "
                   "total_iter to train on, or --resume=false --overwrite=true to start again.")
@@ -452,9 +457,55 @@ def log_step(run: Run, loss: float, lrs: dict[str, float], grad_norm: float) -> 
 
 
 def log(run: Run, record: dict) -> None:
+    """One log.jsonl line (rank 0), and its scalars in TensorBoard with tensorboard."""
+    record = {**record, "time": time.time()}
     if run.log_file is not None:
-        run.log_file.write(json.dumps({**record, "time": time.time()}) + "\n")
+        run.log_file.write(json.dumps(record) + "\n")
         run.log_file.flush()
+    if run.curves is not None:
+        add_scalars(run.curves, record)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl; a line that is not JSON (the partial last line of a run being written) is
+    skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return [r for r in records if isinstance(r, dict)]
+
+
+def require_tensorboard():
+    """TensorBoard's SummaryWriter (optional package `tensorboard`; imported only by runs that use it)."""
+    return optional_import("torch.utils.tensorboard", "tensorboard", "tensorboard",
+                           "--tensorboard=true").SummaryWriter
+
+
+def tensorboard_writer(out: Path):
+    """A TensorBoard writer on out_dir/tb/, which it first rewrites from log.jsonl (a resume has cut the log
+    back to the resumed step): the curves continue with every step once, whatever a killed run wrote past its
+    last save, and a resume that turns tensorboard on gets the curves from step 0."""
+    writer_class = require_tensorboard()
+    shutil.rmtree(out / "tb", ignore_errors=True)
+    writer = writer_class(str(out / "tb"), flush_secs=10)
+    for record in read_log(out / "log.jsonl"):
+        add_scalars(writer, record)
+    return writer
+
+
+def add_scalars(writer, record: dict) -> None:
+    """A log.jsonl record's scalars at its step and time: loss, learning rate per group, gradient norm and
+    speed of a logged step; validation accuracy per list and per dataset, and their mean."""
+    if "loss" in record:
+        scalars = {"train/loss": record["loss"], "train/grad_norm": record["grad_norm"],
+                   "train/steps_per_s": record["steps_per_s"], **{f"lr/{k}": v for k, v in record["lr"].items()}}
+    elif "val" in record:
+        scalars = {**{f"val/{k}": v for k, v in record["val"].items()}, "val/mean": record["val_mean"]}
+    else:
+        return
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, record["step"], walltime=record["time"])
 
 
 # ---------------------------------------------------------------------------------------------- validate, save
@@ -561,6 +612,8 @@ def main(train: Callable, config_class, argv: list[str] | None, doc: str) -> int
     cfg = d = None
     try:
         cfg = configs.parse_args(config_class, argv)
+        if cfg.tensorboard:
+            require_tensorboard()  # before any work
         d = distributed.setup(cfg.device)
         with interrupts.handled():
             train(cfg, d)

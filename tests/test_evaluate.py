@@ -390,3 +390,102 @@ def test_a_mos_list_naming_a_missing_image_is_named_by_file_and_line(hand, capsy
     code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", copy, "--weights", tmp_path)
     assert (code, out) == (2, "")
     assert err == f"error: {mos}:2: image 'I01_01_09.png' not found under {copy / 'KADID10K' / 'images'}\n"
+
+
+# ---------------------------------------------------------------------------------------------- --plots
+
+
+def test_plots_are_a_png_per_benchmark_of_the_set_size_and_leave_the_numbers_alone(hand, capsys, tmp_path):
+    run, data, _ = hand
+    common = ["--bench", "all", "--data-root", data, "--weights", run, "--stage", "1"]
+    code, plain, _ = run_cli(capsys, *common, "--json", tmp_path / "plain.json")
+    assert code == 0
+    code, out, err = run_cli(capsys, *common, "--json", tmp_path / "plotted.json", "--plots", tmp_path / "plots")
+    assert code == 0 and f"plots: 4 PNG files in {tmp_path / 'plots'}" in err
+    plain_results, plotted = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "plotted"))
+    for name, result in plotted.items():  # the same numbers, with or without pictures
+        assert {k: v for k, v in result.items() if k != "seconds"} == \
+            {k: v for k, v in plain_results[name].items() if k != "seconds"}
+    assert [line.split()[:4] for line in out.splitlines()] == [line.split()[:4] for line in plain.splitlines()]
+    pictures = sorted((tmp_path / "plots").iterdir())
+    assert [p.name for p in pictures] == ["kadid10k.png", "sriqa-all.png", "sriqa-gen.png", "sriqa-reg.png"]
+    for picture in pictures:  # MOS scatter beside the accuracy per method / type: two 6.4 x 4.8 in panels
+        with Image.open(picture) as png:
+            assert png.format == "PNG" and png.size == (1280, 480)
+
+
+def method(name: str) -> str:
+    """The SR method of a hand-built SRIQA name: 0001_M3x4.png -> M3, 0001_Original.png -> Original."""
+    return name.split("_", 1)[1].removesuffix(".png").removesuffix("x4")
+
+
+def test_accuracy_per_method_and_type_counts_the_pairs_holding_each(hand):
+    from afine.plots import group_accuracy, image_groups
+
+    _, data, scenes = hand
+    bench = load_benchmark(data, "sriqa-all")
+    reds = {n: r for entries in scenes.values() for n, r, _ in entries}
+    scores = {(x, y): float(reds[x.name]) for x, y in bench.items()}  # lower red is better, as red_model says
+    kind, groups = image_groups(bench)
+    assert kind == "SR method" and set(groups.values()) == {"Original", *(f"M{k}" for k in range(10))}
+    counts = group_accuracy(bench, scores, groups)
+    assert list(counts) == ["Original", *(f"M{k}" for k in range(10))]
+    for label, (correct, pairs) in counts.items():
+        expected = [(a, b) for entries in scenes.values() for a, b in itertools.combinations(entries, 2)
+                    if label in (method(a[0]), method(b[0]))]
+        assert pairs == len(expected) == 2 * 10
+        assert correct == sum(hand_count([a, b]) for a, b in expected)
+    kadid = load_benchmark(data, "kadid10k")
+    kind, groups = image_groups(kadid)  # I01_01_0N.png: distortion type 01; the reference I01.png has none
+    assert kind == "distortion type" and groups == {p: "01" for p in kadid.x1 + kadid.x2 if p.name != "I01.png"}
+
+
+def test_names_that_carry_no_group_give_one_bar_or_the_scatter_alone(corpus, hand, tmp_path):
+    import dataclasses
+
+    from afine.plots import benchmark_plot, image_groups
+
+    data, _ = corpus
+    # the small scale's 6, 5 and 6 distortion types, numbered from 01 (PIPAL from 00) as in the real names
+    for name, types in (("kadid10k", range(1, 7)), ("tid2013", range(1, 7)), ("pipal", range(5))):
+        kind, groups = image_groups(load_benchmark(data, name))
+        assert kind == "distortion type" and set(groups.values()) == {f"{t:02d}" for t in types}
+    diffiqa = load_benchmark(data, "diffiqa-psy")
+    assert image_groups(diffiqa) is None  # <reference>_<NN>.png: the names say nothing of the generated image
+    scores = {item: float(k % 7) for k, item in enumerate(diffiqa.items())}
+    u1, u2 = [scores[it] for it in zip(diffiqa.x1, diffiqa.y)], [scores[it] for it in zip(diffiqa.x2, diffiqa.y)]
+    accuracy, correct, pairs = two_afc_accuracy(u1, u2, diffiqa.g)
+    benchmark_plot(diffiqa, scores, {"accuracy": accuracy, "pairs": pairs, "correct": correct}, "A-FINE D",
+                   tmp_path / "diffiqa-psy.png")
+    # a MOS set whose test images are named otherwise: the scatter alone
+    _, hand_data, _ = hand
+    kadid = load_benchmark(hand_data, "kadid10k")
+    renamed = {p: p.with_name(p.name.replace("_01_", "-")) for p in {*kadid.x1, *kadid.x2, *kadid.mos_images}}
+    renamed.update({y: y for y in kadid.y})
+    odd = dataclasses.replace(kadid, name="MyIQA", x1=[renamed[p] for p in kadid.x1],
+                              x2=[renamed[p] for p in kadid.x2], mos_images=[renamed[p] for p in kadid.mos_images])
+    assert image_groups(odd) is None
+    scores = {item: float(k) for k, item in enumerate(odd.items())}
+    benchmark_plot(odd, scores, {"accuracy": 0.5, "pairs": 7, "correct": 3, "srcc": 0.5, "plcc": 0.5},
+                   "A-FINE D", tmp_path / "MyIQA.png")
+    for name in ("diffiqa-psy", "MyIQA"):  # one 6.4 x 4.8 in panel
+        with Image.open(tmp_path / f"{name}.png") as png:
+            assert png.size == (640, 480)
+
+
+def test_plots_without_matplotlib_or_a_writable_folder_fail_before_the_work(hand, capsys, tmp_path, monkeypatch):
+    import evaluate
+
+    run, data, _ = hand
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(evaluate, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+    common = ["--bench", "kadid10k", "--data-root", data, "--weights", run, "--stage", "1"]
+    for target, message in ((tmp_path / "file", "--plots names a file"),
+                            (tmp_path / "file" / "plots", "cannot write")):
+        code, out, err = run_cli(capsys, *common, "--plots", target)
+        assert code == 2 and out == "" and err.count("\n") == 1 and message in err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    code, out, err = run_cli(capsys, *common, "--plots", tmp_path / "plots")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: evaluate.py --plots needs the optional package matplotlib")
+    assert "pip install matplotlib" in err and not (tmp_path / "plots").exists()

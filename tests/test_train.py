@@ -29,7 +29,7 @@ from afine.errors import AfineError
 from afine.labels import MOSRecord, nlogn_triplets, write_triplets
 from afine.metrics import two_afc_accuracy
 from afine.model import load_afine
-from afine.training import check_state_file, lock_folder, state_files
+from afine.training import check_state_file, lock_folder, read_log, state_files
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -438,6 +438,63 @@ def test_best_folder_holds_the_best_validation_and_keep_saves_every_save(square,
             a, b = (torch.load(f / name, weights_only=True) for f in (out / "best", same))
             a, b = a.get("params", a), b.get("params", b)
             assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def scalar_events(tb: Path) -> dict[str, list]:
+    """Every scalar event in the TensorBoard folder as written (nothing hidden as orphaned): tag -> events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    events.Reload()
+    return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_curves_continue_across_a_resume_with_every_step_once(square, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    over = dict(total_iter=8, save_every=4, val_every=2, tensorboard="true")
+    kill_at(monkeypatch, 7)  # dies in step 7: steps 5 and 6 were logged after the last save (step 4)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1.train(stage1_config(square, out, **over), Dist())
+    monkeypatch.undo()
+    assert [e.step for e in scalar_events(out / "tb")["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    train_stage1.train(stage1_config(square, out, **over), Dist())
+    curves = scalar_events(out / "tb")
+    assert set(curves) == {"train/loss", "train/grad_norm", "train/steps_per_s", "lr/clip", "lr/natural",
+                           "val/KADID10K", "val/mean"}
+    records = read_log(out / "log.jsonl")
+    steps = [r for r in records if "loss" in r]
+    vals = [r for r in records if "val" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9)) and [r["step"] for r in vals] == [0, 2, 4, 6, 8]
+    expected = {"train/loss": [(r["step"], r["loss"]) for r in steps],
+                "train/grad_norm": [(r["step"], r["grad_norm"]) for r in steps],
+                "train/steps_per_s": [(r["step"], r["steps_per_s"]) for r in steps],
+                "lr/clip": [(r["step"], r["lr"]["clip"]) for r in steps],
+                "lr/natural": [(r["step"], r["lr"]["natural"]) for r in steps],
+                "val/KADID10K": [(r["step"], r["val"]["KADID10K"]) for r in vals],
+                "val/mean": [(r["step"], r["val_mean"]) for r in vals]}
+    for tag, points in expected.items():  # each step once, in order, with the value of the run that counts
+        assert [e.step for e in curves[tag]] == [s for s, _ in points], tag
+        assert [e.value for e in curves[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
+    # the resume ran steps 5-8 again: their curves are those of the resumed run (logged after it started)
+    resumed = next(r["time"] for r in records if r.get("event") == "resume")
+    assert all(e.wall_time >= resumed for e in curves["train/loss"][4:])
+
+    # extended without curves, then with: tb/ holds the whole run, every step once
+    train_stage1.train(stage1_config(square, out, **{**over, "total_iter": 9, "tensorboard": "false"}), Dist())
+    train_stage1.train(stage1_config(square, out, **{**over, "total_iter": 10}), Dist())
+    assert [e.step for e in scalar_events(out / "tb")["train/loss"]] == list(range(1, 11))
+
+
+def test_tensorboard_missing_is_one_error_line_before_any_work(square, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    argv = args(square, tmp_path / "s1", clip="random-tiny", tensorboard="true")
+    assert train_stage1.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("error: --tensorboard=true needs the optional package tensorboard")
+    assert "pip install tensorboard" in captured.err
+    assert not (tmp_path / "s1").exists()
 
 
 # ---------------------------------------------------------------------------------------------- run folder
