@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plots:
             from afine import plots  # imported only when asked for: evaluation alone does not pay for it
 
-            plots.check_plots(args.plots, names)
+            plots.require_matplotlib("evaluate.py --plots")
         all_named = "all" in [n.strip().lower() for n in args.bench.split(",")]
         skipped = {n: f"no folder {missing_folder(args.data_root, n)}" for n in names
                    if all_named and missing_folder(args.data_root, n) is not None}
@@ -131,9 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         benches = [load_benchmark(args.data_root, n, indexes) for n in names if n not in skipped]
         if not benches:
             raise AfineError(f"{args.data_root}: none of the benchmark dataset folders is present")
-        if args.json:  # before the work, not after it, and never over a file it reads
-            images = {p for b in benches for item in b.items() for p in item}
-            check_writable(args.json, [*images, *(f for b in benches for f in b.label_files), *model_files(args)])
+        # outputs are checked before the work, not after it, and never go over a file the command reads
+        inputs = [*{p for b in benches for item in b.items() for p in item},
+                  *(f for b in benches for f in b.label_files), *model_files(args)]
+        if args.json:
+            check_writable(args.json, inputs)
+        if args.plots:
+            plots.check_plots(args.plots, [b.name for b in benches], inputs)
         device = pick_device(args.device, init_distributed(args.device))
         model = load_afine(args.clip, args.weights, require=STAGE_PARTS[args.stage], default_clip=DEFAULT_CLIP)
         model = model.to(device)

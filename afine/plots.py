@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,9 @@ def draw_curves(runs: list[Path], out: Path) -> None:
 def curves_command(args: argparse.Namespace) -> int:
     """`python -m afine curves RUN [RUN ...] --out PNG` (arguments in afine/__main__.py)."""
     require_matplotlib("python -m afine curves")
-    check_writable(args.out)
-    draw_curves([Path(r) for r in args.runs], Path(args.out))
+    runs = [Path(r) for r in args.runs]
+    check_writable(args.out, [run / "log.jsonl" if run.is_dir() else run for run in runs])
+    draw_curves(runs, Path(args.out))
     print(f"wrote {args.out}")
     return 0
 
@@ -207,12 +209,15 @@ def benchmark_plot(bench: Benchmark, scores: dict, result: dict, score_name: str
     save_png(fig, path)
 
 
-def check_plots(folder: str | Path, names: list[str]) -> None:
-    """Before the work: matplotlib is there and the folder takes the first benchmark's picture."""
+def check_plots(folder: str | Path, names: list[str], inputs: Iterable[str | Path] = ()) -> None:
+    """Before the work: matplotlib is there and the folder takes every benchmark's picture, none of them over one
+    of `inputs`, the files the command reads."""
     require_matplotlib("evaluate.py --plots")
     if Path(folder).exists() and not Path(folder).is_dir():
         raise AfineError(f"{folder}: --plots names a file, expected a folder")
-    check_writable(Path(folder) / f"{names[0]}.png")
+    inputs = list(inputs)
+    for name in names:
+        check_writable(Path(folder) / f"{name}.png", inputs)
 
 
 def benchmark_plots(benches: list[Benchmark], scores: dict[str, dict], results: dict[str, dict], score_name: str,

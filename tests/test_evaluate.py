@@ -480,10 +480,16 @@ def test_plots_without_matplotlib_or_a_writable_folder_fail_before_the_work(hand
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(evaluate, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
     common = ["--bench", "kadid10k", "--data-root", data, "--weights", run, "--stage", "1"]
+    (tmp_path / "mixed").mkdir()  # a folder where a picture would go over an image the benchmark reads
+    image = data / "KADID10K" / "images" / "I01_01_04.png"
+    (tmp_path / "mixed" / "kadid10k.png").symlink_to(image)
+    before = image.read_bytes()
     for target, message in ((tmp_path / "file", "--plots names a file"),
-                            (tmp_path / "file" / "plots", "cannot write")):
+                            (tmp_path / "file" / "plots", "cannot write"),
+                            (tmp_path / "mixed", "this command reads that file")):
         code, out, err = run_cli(capsys, *common, "--plots", target)
         assert code == 2 and out == "" and err.count("\n") == 1 and message in err
+    assert image.read_bytes() == before
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     code, out, err = run_cli(capsys, *common, "--plots", tmp_path / "plots")
     assert code == 2 and out == "" and err.count("\n") == 1

@@ -60,11 +60,14 @@ def test_curves_mistakes_are_one_error_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("")
     cases = [([tmp_path / "empty"], tmp_path / "c.png", "no log.jsonl"),
              ([tmp_path / "new"], tmp_path / "c.png", "nothing logged yet"),
-             ([tmp_path / "run"], tmp_path / "file" / "c.png", "cannot write")]
+             ([tmp_path / "run"], tmp_path / "file" / "c.png", "cannot write"),
+             ([tmp_path / "run"], tmp_path / "run" / "log.jsonl", "this command reads that file")]
+    log = (tmp_path / "run" / "log.jsonl").read_bytes()
     for runs, out, message in cases:
         assert main(["curves", *map(str, runs), "--out", str(out)]) == 2
         captured = capsys.readouterr()
         assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and message in captured.err
+    assert (tmp_path / "run" / "log.jsonl").read_bytes() == log
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert main(["curves", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")]) == 2
     err = capsys.readouterr().err
