@@ -72,7 +72,8 @@ def state_dict_for_saving(module_or_state: nn.Module | dict) -> dict[str, torch.
 
 
 def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True) with one clear error naming the source and the keys at fault."""
+    """load_state_dict(strict=True) with one clear error naming the source and the keys at fault; weights holding
+    NaN or infinity are refused (they would score NaN, or train from it, without a word)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -87,6 +88,9 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: 
              if tuple(state_dict[k].shape) != tuple(v.shape)]
     if wrong:
         raise AfineError(f"{source}: wrong shapes: {', '.join(wrong[:4])}")
+    bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise AfineError(f"{source}: tensor {bad!r} holds NaN or infinity")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 

@@ -242,7 +242,10 @@ def check_state_file(path: Path) -> dict | None:
 
 
 def lock_folder(out: Path):
-    """An exclusive lock on out_dir/.lock held for the run; a second run on the folder fails naming the holder."""
+    """An exclusive lock on out_dir/.lock held for the run; a second run on the folder fails naming the holder.
+
+    A POSIX record lock (fcntl): it belongs to this process alone, not to the DataLoader workers it forks (which
+    share a flock), so the kernel frees it the moment the process dies, however it dies."""
     if out.exists() and not out.is_dir():
         raise AfineError(f"{out}: out_dir is a file, not a folder")
     try:
@@ -251,7 +254,7 @@ def lock_folder(out: Path):
     except OSError as e:
         raise AfineError(f"{out}: cannot use as run folder ({e.strerror})") from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"

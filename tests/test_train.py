@@ -3,6 +3,7 @@ exact resume, damaged states, the NaN guard, and validation accuracy against an 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import train_stage2
 import train_stage3
 from afine import config
 from afine.batches import GlobalBatches, distinct_images
-from afine.checkpoint import read_afine_parts, read_network_file, save_afine
+from afine.checkpoint import read_afine_parts, read_network_file, save_afine, state_dict_for_saving
 from afine.datasets import TripletDataset, collate_triplets
 from afine.distributed import Dist
 from afine.errors import AfineError
@@ -466,16 +467,38 @@ def test_sigkill_mid_training_then_resume_ends_bitwise_like_an_uninterrupted_run
     assert not orphan.exists()
 
 
-def test_a_second_run_on_a_locked_folder_fails_naming_the_holder(square, tmp_path, capsys):
+HOLD_LOCK = """
+import os, sys, time
+from pathlib import Path
+from afine.training import lock_folder
+handle = lock_folder(Path(sys.argv[1]))
+child = os.fork()  # a child that outlives this process, as DataLoader workers do for a few seconds
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_run_lock_names_its_holder_and_dies_with_it_not_with_its_children(square, tmp_path, capsys):
     out = tmp_path / "s1"
-    handle = lock_folder(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
     try:
         assert train_stage1.main(args(square, out, clip="random-tiny")) == 2
+        err = capsys.readouterr().err
+        assert "in use by another training run" in err and f"pid {holder.pid}" in err and err.count("\n") == 1
+        holder.kill()  # SIGKILL of the main process alone: its child still runs
+        holder.wait()
+        os.kill(child, 0)
+        lock_folder(out).close()  # at once: the lock went with its holder
     finally:
-        handle.close()
-    err = capsys.readouterr().err
-    assert "in use by another training run" in err and f"pid {os.getpid()}" in err and err.count("\n") == 1
-    assert train_stage1.main(args(square, out, clip="random-tiny")) == 0  # released: the folder is usable again
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    assert train_stage1.main(args(square, out, clip="random-tiny")) == 0
 
 
 def test_a_fresh_start_never_deletes_an_unfinished_run_without_overwrite(square, tmp_path, capsys):
@@ -533,6 +556,24 @@ def test_fine_tuning_from_an_afine_pth_starts_exactly_at_its_scores(synth, tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(AfineError, match="init_from holds no fidelity"):
         train_stage2.build_model(stage2_config(synth, tmp_path / "x", runs[1], init_from=runs[1]))
+
+
+@pytest.mark.parametrize("part,key,value", [("finetuned_clip", "visual.ln_pre.bias", math.inf),
+                                            ("fidelity", "alpha", math.nan), ("adapter", "k", -math.inf)])
+def test_init_from_weights_holding_nan_or_infinity_are_refused(synth, stage1_run, stage2_run, tmp_path, capsys, part,
+                                                               key, value):
+    from tests.tiny import random_afine, tiny_clip
+
+    parts = {name: state_dict_for_saving(m) for name, m in random_afine(tiny_clip()).parts().items()}
+    parts[part][key].view(-1)[3 % parts[part][key].numel()] = value
+    save_afine(tmp_path / "bad.pth", parts)
+    stage = {"finetuned_clip": 1, "fidelity": 2, "adapter": 3}[part]
+    script, over = {1: (train_stage1, {"clip": "random-tiny"}), 2: (train_stage2, {"stage1_dir": stage1_run}),
+                    3: (train_stage3, {"stage2_dir": stage2_run})}[stage]
+    assert script.main(args(synth, tmp_path / "run", init_from=tmp_path / "bad.pth", **over)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'bad.pth'}[{part}]: tensor {key!r} holds NaN or infinity\n"
+    assert not (tmp_path / "run" / "best").exists()
 
 
 # ---------------------------------------------------------------------------------------------- one-line failures
