@@ -241,8 +241,15 @@ def test_run_folders_load_in_our_tools(synth, stage1_run, stage2_run, tmp_path):
     merged = torch.load(tmp_path / "s3" / "afine.pth", weights_only=True)
     assert sorted(merged) == sorted(["finetuned_clip", "natural", "fidelity", "fidelity_scale", "natural_scale",
                                      "adapter"])
-    parts, _ = read_afine_parts(tmp_path / "s3")
+    from afine import checkpoint
+
+    hashed = []
+    sha256 = checkpoint.sha256
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "sha256", lambda path: hashed.append(Path(path).resolve()) or sha256(path))
+        parts, _ = read_afine_parts(tmp_path / "s3")
     assert set(parts) == set(merged)
+    assert sorted(p.name for p in hashed) == ["clip_model.pth", "net_dhead.pth", "net_qhead.pth"]  # once each
 
 
 def test_stage3_starts_from_fit_gamma_output(synth, stage2_run, tmp_path):
@@ -365,6 +372,26 @@ def test_finished_run_is_kept_unless_told(square, tmp_path, capsys):
     assert (tmp_path / "s1" / "net_qhead.pth").read_bytes() == first  # same seed, fresh run: same weights
     assert train_stage1.main([*argv, "--total_iter=3"]) == 0  # extend a finished run
     assert [s for s, _ in state_files(tmp_path / "s1" / "state")] == [3, 2]
+
+
+def test_a_resume_refuses_other_training_lists_and_accepts_a_moved_copy_of_the_data(square, tmp_path, capsys):
+    import shutil
+
+    moved, other = tmp_path / "moved", tmp_path / "other"
+    shutil.copytree(square, moved)
+    shutil.copytree(square, other)
+    triplets = other / "KADID10K" / "Train" / "Triplet" / "Triplet.txt"
+    lines = triplets.read_text().splitlines(keepends=True)
+    triplets.write_text("".join(lines[1:] + lines[:1]))  # the same triplets in another order: another trajectory
+    argv = args(square, tmp_path / "s1", clip="random-tiny", total_iter=2, save_every=2)
+    assert train_stage1.main(argv) == 0
+    capsys.readouterr()
+    assert train_stage1.main([*argv, f"--data_root={other}", "--total_iter=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 's1'}: the training lists under data_root {other} differ") and \
+        err.count("\n") == 1, err
+    assert train_stage1.main([*argv, f"--data_root={moved}", "--total_iter=4"]) == 0  # data_root may change
+    assert [s for s, _ in state_files(tmp_path / "s1" / "state")] == [4, 2]
 
 
 def test_user_mistakes_are_one_line_errors(square, tmp_path, capsys):
@@ -529,6 +556,42 @@ def test_stage2_refuses_to_resume_or_load_on_a_changed_stage1(synth, stage1_run,
     assert "clip_model.pth" in capsys.readouterr().err
     with pytest.raises(AfineError, match="clip_model.pth.*changed"):
         load_afine(None, tmp_path / "s2", require=("fidelity",))
+
+
+def test_a_run_folder_now_pointing_to_another_earlier_run_is_refused_a_moved_copy_loads(synth, stage1_run,
+                                                                                          stage2_run, tmp_path, capsys):
+    import shutil
+
+    def point(run: Path, stage1: Path) -> None:
+        saved = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**saved, "stage1_dir": str(stage1)}))
+
+    other = tmp_path / "s1b"  # another stage-1 run: the same files but for its CLIP
+    shutil.copytree(stage1_run, other)
+    clip = torch.load(other / "clip_model.pth", weights_only=True)
+    clip["visual.ln_pre.bias"] += 0.1
+    torch.save(clip, other / "clip_model.pth")
+    edited = tmp_path / "s2e"
+    shutil.copytree(stage2_run, edited)
+    point(edited, other)
+    message = f"{edited} was trained on another clip_model.pth than {other / 'clip_model.pth'} (its built_on.json"
+    with pytest.raises(AfineError) as refused:
+        load_afine(None, edited, require=("fidelity",))  # what evaluate.py --weights s2e --stage 2 loads
+    assert str(refused.value).startswith(message)
+    assert train_stage3.main(args(synth, tmp_path / "s3", stage2_dir=edited)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    moved = tmp_path / "moved"  # both runs moved elsewhere together: the files loaded are the recorded ones
+    shutil.copytree(stage1_run, moved / "s1")
+    shutil.copytree(stage2_run, moved / "s2")
+    point(moved / "s2", moved / "s1")
+    shutil.move(stage1_run, tmp_path / "gone")  # the recorded paths are gone
+    try:
+        model = load_afine(None, moved / "s2", require=("natural", "fidelity"))
+    finally:
+        shutil.move(tmp_path / "gone", stage1_run)
+    assert torch.equal(model.clip.visual.ln_pre.bias, torch.load(stage1_run / "clip_model.pth",
+                                                                  weights_only=True)["visual.ln_pre.bias"])
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
