@@ -32,7 +32,7 @@ from tests.test_train import (  # noqa: F401 - module-scoped fixtures shared wit
     synth,
     weights,
 )
-from tests.test_train_distributed import RUNNER
+from tests.test_train_distributed import on_two_processes
 
 CPU = torch.device("cpu")
 # Adam's eps at 1e-3 (as in test_train_distributed): with the published 1e-8 an update is +-lr for any gradient,
@@ -283,26 +283,39 @@ def test_a_read_only_cache_dir_serves_its_complete_entries(square, tiny_model, t
 
 
 def test_two_processes_build_the_same_cache_and_train_alike(square, square_s1, tmp_path):
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    runner = tmp_path / "runner.py"
-    runner.write_text(RUNNER.format(root=str(root), stage=2))
     common = {"stage1_dir": square_s1, "cache": "true", "total_iter": 4, "val_every": 2, "lr.fidelity": 1e-2, **EXACT}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
-           *args(square, tmp_path / "two", batch_size=2, **common)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = on_two_processes(2, args(square, tmp_path / "two", batch_size=2, **common), tmp_path)
     one = trained(train_stage2.train(stage2_config(square, tmp_path / "one", square_s1, batch_size=4, **{
         k: v for k, v in common.items() if k != "stage1_dir"}), Dist()), ("fidelity",))
-    rank0 = torch.load(tmp_path / "two" / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "two" / "rank1.pt", weights_only=True)
     for k, v in one.items():
         assert torch.equal(rank0[k], rank1[k])
         torch.testing.assert_close(rank0[k], v, rtol=0, atol=1e-5)
     for name in ("train", "val-KADID10K"):  # each rank wrote its share of the rows: together the whole
         [a], [b] = entries(tmp_path / "two" / "cache", name=name), entries(tmp_path / "one" / "cache", name=name)
         assert np.array_equal(np.load(a / "similarity.npy"), np.load(b / "similarity.npy"))
+    assert validations(tmp_path / "two") == validations(tmp_path / "one")
+
+
+def test_stage3_on_two_processes_ends_where_one_process_ends(square, square_s1, tmp_path):
+    """Each rank divides its losses by the global batch (not its own share): the logged gradient norm, which
+    Adam's update hides, and the weights agree with one process doing the whole batch."""
+    s2 = tmp_path / "s2"
+    stage2(square, s2, square_s1, total_iter=1)
+    common = {"stage2_dir": s2, "cache": "true", "total_iter": 4, "val_every": 2, "lr.natural_scale": 1e-2,
+              "lr.fidelity_scale": 1e-2, "lr.adapter": 1e-2, **EXACT}
+    rank0, rank1 = on_two_processes(3, args(square, tmp_path / "two", batch_size=2, **common), tmp_path)
+    names = ("natural_scale", "fidelity_scale", "adapter")
+    start = trained(train_stage3.build_model(stage3_config(square, tmp_path / "x", s2, stage1_dir=square_s1)), names)
+    one = trained(train_stage3.train(stage3_config(square, tmp_path / "one", s2, batch_size=4, **{
+        k: v for k, v in common.items() if k != "stage2_dir"}), Dist()), names)
+    for k, v in one.items():
+        assert torch.equal(rank0[k], rank1[k])
+        torch.testing.assert_close(rank0[k], v, rtol=0, atol=1e-5)
+        assert (v - start[k]).abs().max() > 1e-3, k  # trained, far beyond the tolerance
+    steps = {run: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (tmp_path / run / "log.jsonl")
+                                                                         .read_text().splitlines()) if "loss" in r]
+             for run in ("one", "two")}
+    assert [s for s, *_ in steps["two"]] == [1, 2, 3, 4]
+    for (_, *a), (_, *b) in zip(steps["two"], steps["one"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
     assert validations(tmp_path / "two") == validations(tmp_path / "one")

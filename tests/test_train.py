@@ -316,6 +316,38 @@ def test_killed_run_resumes_bitwise(square, tmp_path, monkeypatch):
     assert steps == list(range(1, 9))  # every step logged once, the re-run ones included
 
 
+def test_killed_fp16_run_resumes_bitwise_with_its_gradient_scale(square, tmp_path, monkeypatch):
+    from functools import partial
+
+    # the scale doubles after every step without overflow (halves after one with): by the step-4 save it is far
+    # from where it starts, so a resume that starts the scaler afresh scales (and skips) other steps
+    monkeypatch.setattr(torch.amp, "GradScaler", partial(torch.amp.GradScaler, growth_interval=1))
+    over = dict(total_iter=6, save_every=2, amp="fp16")
+    reference = run_uninterrupted(square, tmp_path / "a", **over)
+    losses = train_stage1.triplet_losses
+    kill_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1.train(stage1_config(square, tmp_path / "b", **over), Dist())
+    monkeypatch.setattr(train_stage1, "triplet_losses", losses)
+    resumed = weights(train_stage1.train(stage1_config(square, tmp_path / "b", **over), Dist()))
+    scales = [[torch.load(path, weights_only=True)["scaler"]["scale"] for _, path in state_files(tmp_path / run /
+                                                                                                 "state")]
+              for run in ("a", "b")]
+    assert scales[0] == scales[1] and scales[0][1] >= 2.0**18  # (steps 6, 4) equal; the scale grew from 2**16
+    assert all(torch.equal(resumed[k], v) for k, v in reference.items())
+
+
+def test_a_resume_after_a_save_refuses_another_seed_or_order(square, tmp_path, capsys):
+    argv = args(square, tmp_path / "s1", clip="random-tiny", total_iter=2, save_every=2)
+    assert train_stage1.main(argv) == 0
+    capsys.readouterr()
+    for change, key in (("--seed=1", "seed"), ("--shuffle=false", "shuffle"), ("--optim.eps=1e-3", "optim.eps")):
+        assert train_stage1.main([*argv, "--total_iter=4", change]) == 2
+        assert capsys.readouterr().err == f"error: {tmp_path / 's1'}: config differs from the run being resumed in " \
+            f"{key}; use the same values, or --resume=false --overwrite=true to start afresh\n"
+    assert [s for s, _ in state_files(tmp_path / "s1" / "state")] == [2]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_state_is_detected_and_the_previous_one_used(square, tmp_path, capsys, damage):
     over = dict(total_iter=6, save_every=2)
