@@ -11,6 +11,11 @@ official `clip_model.pth` (a plain full CLIP state dict) and `net_qhead.pth` (RE
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from afine.interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import math
 import sys
 from dataclasses import dataclass, field

@@ -14,6 +14,11 @@ records the digest of the CLIP it was trained on.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from afine.interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -16,6 +16,11 @@ records the digests of the stage-1 and stage-2 files it was trained on.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from afine.interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import json
 import math
 import sys

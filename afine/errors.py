@@ -43,8 +43,7 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+            return interrupts.stopped()
 
     return run
 

@@ -582,13 +582,13 @@ def main(train: Callable, config_class, argv: list[str] | None, doc: str) -> int
         with interrupts.handled():
             train(cfg, d)
     except KeyboardInterrupt:
-        if d is None or d.is_main:
-            saved = state_files(Path(cfg.out_dir) / "state") if cfg is not None else None
-            print("interrupted" if saved is None else
-                  f"interrupted; run the same command again to resume from step {saved[0][0]} (the last save)"
-                  if saved else "interrupted before the first save; run the same command again to start afresh",
-                  file=sys.stderr)
-        return 130
+        if d is not None and not d.is_main:
+            return interrupts.stopped(None)
+        saved = state_files(Path(cfg.out_dir) / "state") if cfg is not None else None
+        return interrupts.stopped(
+            "interrupted" if saved is None else
+            f"interrupted; run the same command again to resume from step {saved[0][0]} (the last save)" if saved
+            else "interrupted before the first save; run the same command again to start afresh")
     except Exception as e:  # noqa: BLE001 - user mistakes (also raised in DataLoader workers) become one line
         error = unwrap_worker_error(e)
         if not isinstance(error, AfineError):

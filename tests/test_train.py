@@ -733,6 +733,18 @@ def test_ctrl_c_while_loader_workers_start_stops_the_run_with_one_line(square, t
     assert lines == ["interrupted before the first save; run the same command again to start afresh"], err
 
 
+def test_a_second_ctrl_c_while_validation_stops_is_silent(square, tmp_path):
+    """The second lands as the validation loader's workers are shut down, after the run printed its line: Python
+    would print 'Exception ignored ... KeyboardInterrupt' there."""
+    from tests.tiny import ctrl_c_at_worker
+
+    argv = args(square, tmp_path / "s1", clip="random-tiny", workers=2, total_iter=50, val_every=2, save_every=10)
+    code, err = ctrl_c_at_worker(ROOT / "train_stage1.py", argv, tmp_path, fork=1, again=True)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert code == 130, err
+    assert lines == ["interrupted before the first save; run the same command again to start afresh"], err
+
+
 def test_a_run_stopped_before_its_first_save_starts_again_with_the_same_command(square, tmp_path):
     """Stopped after the step-0 validation wrote best/ but before any training state: the same command starts
     afresh (nothing is lost) and ends where an uninterrupted run ends; another config still needs --overwrite."""
