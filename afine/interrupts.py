@@ -25,16 +25,21 @@ _owner: int | None = None  # the process that handles Ctrl-C; forked copies of i
 _holding = 0  # > 0 while workers start: Ctrl-C is recorded, raised after
 _pending = False  # a Ctrl-C was recorded and may not have been raised
 _reported = False  # the command printed its line for a Ctrl-C (stopped())
+_program: int | None = None  # the process that exit_on_ctrl_c() set up
 
 
 def exit_on_ctrl_c() -> None:
     """For a command's first lines when run as a program (never on import): Ctrl-C outside `handled()` exits at
     once with code 130, as the module docstring says. A process started with Ctrl-C ignored keeps ignoring it."""
+    global _program
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        _program = os.getpid()
         signal.signal(signal.SIGINT, _exit_interrupted)
 
 
 def _exit_interrupted(signum, frame) -> None:
+    if os.getpid() != _program:  # a forked worker: the program stops it
+        return
     if not _reported:
         print("interrupted", file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):  # what the command printed stays printed
