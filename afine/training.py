@@ -192,8 +192,9 @@ def lists_digest(data: TripletDataset, data_root: str | Path) -> str:
     """SHA-256 of what a run trains on: its triplets in order, image paths relative to data_root, and labels
     (a moved copy of the same data gives the same digest)."""
     root = str(Path(data_root)) + os.sep
-    rows = [[str(p).removeprefix(root) for p in item[:3]] + list(item[3:]) for item in data.items]
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    rows = "\n".join(f"{str(x1).removeprefix(root)}\t{str(x2).removeprefix(root)}\t{str(y).removeprefix(root)}\t"
+                     f"{g12!r}\t{g1y!r}\t{g2y!r}" for x1, x2, y, g12, g1y, g2y in data.items)
+    return hashlib.sha256(rows.encode()).hexdigest()
 
 
 @dataclass
