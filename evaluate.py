@@ -29,6 +29,11 @@ names carry it (README, "Curves and plots").
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from afine.interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import argparse
 import math
 import sys

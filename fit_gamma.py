@@ -21,6 +21,11 @@ fitted), "rmse" (fit residual in y units) and "weights". The parameters are also
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from afine.interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import argparse
 import sys
 import warnings

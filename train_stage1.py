@@ -11,6 +11,11 @@ official `clip_model.pth` (a plain full CLIP state dict) and `net_qhead.pth` (RE
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from afine.interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import math
 import sys
 from dataclasses import dataclass, field
@@ -100,7 +105,7 @@ def train(cfg: Stage1Config, d: Dist) -> AFINE:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
 
-    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch) as run:
+    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, data) as run:
         if run.step == 0 and cfg.val_every and training.validate(run, val_sets, validation_scores, model):
             training.write_best(run, official_files(model))
         loader = training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)

@@ -14,6 +14,11 @@ records the digest of the CLIP it was trained on.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from afine.interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +27,7 @@ import torch
 
 from afine import cache, training
 from afine.batches import GlobalBatches, distinct_images
-from afine.checkpoint import build_clip, read_clip_file, run_file, state_dict_for_saving
+from afine.checkpoint import build_clip, file_digests, read_clip_file, run_file, state_dict_for_saving
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.losses import rank_loss
@@ -116,9 +121,9 @@ def train(cfg: Stage2Config, d: Dist) -> AFINE:
     optimizer = training.adamw(cfg, trained, {"fidelity": cfg.lr.fidelity})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
-    built_on = training.file_digests([Path(cfg.stage1_dir) / "clip_model.pth"])
+    built_on = file_digests([Path(cfg.stage1_dir) / "clip_model.pth"])
 
-    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, built_on) as run:
+    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, data, built_on) as run:
         caches, scores = None, validation_scores
         if cfg.cache:  # S1, S2 of every (pair, augmentation) through the frozen CLIP once, or read from cache_dir
             train_cache, caches = cache.open_caches(cache.SIMILARITY, cfg, data, val_sets, model, built_on, d)

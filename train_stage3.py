@@ -16,6 +16,11 @@ records the digests of the stage-1 and stage-2 files it was trained on.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from afine.interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import json
 import math
 import sys
@@ -29,6 +34,8 @@ from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import (
     PART_FILES,
     build_clip,
+    check_built_on,
+    file_digests,
     load_strict,
     read_clip_file,
     read_network_file,
@@ -178,7 +185,10 @@ def train(cfg: Stage3Config, d: Dist) -> AFINE:
     batches = GlobalBatches(len(data), data.shape, cfg.batch_size, cfg.grad_accum, cfg.micro_batch, cfg.seed,
                             cfg.shuffle, d.rank, d.world_size)
 
-    # model, and what trains: the two mappings and the adapter (CLIP and both heads frozen)
+    # model, and what trains: the two mappings and the adapter (CLIP and both heads frozen), on the stage-1 files
+    # stage 2 was trained on
+    built_on = file_digests(frozen_files(cfg))
+    check_built_on(Path(cfg.stage2_dir), frozen_files(cfg), built_on)
     model = build_model(cfg).to(d.device)
     training.freeze(model)
     trained = {"natural_scale": model.natural_scale, "fidelity_scale": model.fidelity_scale, "adapter": model.adapter}
@@ -186,9 +196,8 @@ def train(cfg: Stage3Config, d: Dist) -> AFINE:
                                               "fidelity_scale": cfg.lr.fidelity_scale, "adapter": cfg.lr.adapter})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
-    built_on = training.file_digests(frozen_files(cfg))
 
-    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, built_on) as run:
+    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, data, built_on) as run:
         caches, scores = None, validation_scores
         if cfg.cache:  # N_raw, F_raw of every (pair, augmentation) through the frozen networks once, or from cache_dir
             train_cache, caches = cache.open_caches(cache.SCORES, cfg, data, val_sets, model, built_on, d)

@@ -1,7 +1,17 @@
 """A-FINE: Adaptive FIdelity-Naturalness Evaluator (CVPR 2025), in plain PyTorch. Lower scores are better."""
 
+import importlib
+
 from .errors import AfineError
-from .image import load_image
-from .model import AFINE, TERMS, load_afine
 
 __all__ = ["AFINE", "AfineError", "TERMS", "load_afine", "load_image"]
+_FROM = {"AFINE": "model", "TERMS": "model", "load_afine": "model", "load_image": "image"}
+
+
+def __getattr__(name: str):
+    """The model and the image loader, imported on first use: `import afine` alone does not load torch, so a
+    command (`python -m afine ...`) handles a Ctrl-C that arrives while torch loads (afine/interrupts.py)."""
+    if name not in _FROM:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{_FROM[name]}"), name)
+    return value

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from .interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import sys
 
 from . import score

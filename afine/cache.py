@@ -14,15 +14,19 @@ One entry (folder) per list and kind under the cache folder, named <kind>-<list>
   exactly 1, S2 within a few 1e-6 of 1, which float16 rounds to 1).
 - kind "scores" (stage 3): pair_scores.npy [P, A, 2] float32 (N_raw(test), F_raw(test, ref)) and
   ref_scores.npy [R, A] float32 (N_raw(ref)).
-- manifest.json, written last and atomically: without it (a killed build) the entry is rebuilt.
+- manifest.json, written last and atomically, with each data file's size and the SHA-256 of its `.npy` header:
+  without it (a killed build) the entry is rebuilt; a file whose size or header no longer matches (damaged
+  since) is rebuilt with a warning.
 The key is the SHA-256 of the kind, the format version, the frozen files' digests, the CLIP precision (amp),
-the augmentation slots, and the ordered pairs with each image's path, size and modification time: a changed
-stage-1 CLIP, head or image list gives another entry, never stale statistics.
+the augmentation slots, and the ordered pairs with each image's path, size, modification time, inode and
+change time (ctime, which no tool can set back): a changed stage-1 CLIP, head, image list or image gives
+another entry, never stale statistics.
 
 Building: pairs are grouped by image shape into units of at most `images_per_pass` distinct images, each
 unit's images decoded once and encoded once per augmentation. Under torchrun the units are dealt to the
 ranks, which write their rows into the same memory-mapped files (a shared file system, as for out_dir); rank
-0 writes the manifest after a barrier, and every rank then memory-maps the entry read-only.
+0 writes the manifest after a barrier, and every rank then memory-maps the entry read-only. A complete entry is
+read without taking the lock, so a read-only cache_dir serves the entries it holds.
 """
 
 from __future__ import annotations
@@ -48,12 +52,12 @@ from .atomic import reason, write_json
 from .batches import shape_groups
 from .datasets import TripletDataset, apply_augmentation
 from .distributed import Dist
-from .errors import AfineError
+from .errors import AfineError, warn
 from .evaluation import loader as image_loader
 from .model import AFINE
 from .training import autocast
 
-VERSION = 1
+VERSION = 2
 SIMILARITY, SCORES = "similarity", "scores"  # stage 2, stage 3
 FILES = {SIMILARITY: ("similarity.npy",), SCORES: ("pair_scores.npy", "ref_scores.npy")}
 AUGMENTATIONS = [(bool(a & 1), bool(a & 2), bool(a & 4)) for a in range(8)]  # slot h + 2v + 4t
@@ -96,15 +100,17 @@ def slots(data: TripletDataset, keys: list) -> np.ndarray:
 
 
 def cache_key(kind: str, table: PairTable, frozen: dict[str, str], amp: str, augmentations: int) -> str:
-    """SHA-256 of everything the entry's numbers depend on; image files by path, size and modification time
-    (a stat per file: hashing every image's contents would read the whole dataset at every start)."""
+    """SHA-256 of everything the entry's numbers depend on; image files by path, size, modification time, inode
+    and change time (a stat per file: hashing every image's contents would read the whole dataset at every start;
+    a rewrite whose size and modification time were set back, as `touch -r` and sync tools do, still changes
+    the change time, and a replacement the inode)."""
     files = {}
     for path in dict.fromkeys(p for pair in table.pairs for p in pair):
         try:
             st = path.stat()
         except OSError as e:
             raise AfineError(f"{path}: cannot read image ({reason(e)})") from None
-        files[str(path.resolve())] = [st.st_size, st.st_mtime_ns]
+        files[str(path.resolve())] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
     record = {"version": VERSION, "kind": kind, "frozen": sorted(frozen.values()), "amp": amp,
               "augmentations": augmentations, "pairs": [[str(x), str(y)] for x, y in table.pairs], "files": files}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
@@ -153,25 +159,50 @@ def entry_name(kind: str, name: str, key: str) -> str:
     return f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{key[:16]}"
 
 
-def is_complete(folder: Path, key: str) -> bool:
-    """The manifest is there, names the key, and every data file has its recorded size."""
+INCOMPLETE = "incomplete"
+
+
+def npy_header(path: Path) -> list:
+    """[length, SHA-256] of a `.npy` file's header (magic, version, dtype, order, shape): what numpy parses."""
+    with open(path, "rb") as f:
+        start = f.read(10)  # magic (6), version (2), header length (2, or 4 from version 2)
+        length = 10 + int.from_bytes(start[8:10], "little") if start[6:7] == b"\x01" else \
+            12 + int.from_bytes(start[8:10] + f.read(2), "little")
+        f.seek(0)
+        return [length, hashlib.sha256(f.read(min(length, 1 << 20))).hexdigest()]
+
+
+def entry_problem(folder: Path, key: str) -> str | None:
+    """None if the entry is complete; INCOMPLETE if it has no manifest for `key` (never built, or a build killed
+    halfway); else what no longer matches its manifest (a data file's size or header: damaged since)."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
-        return manifest.get("key") == key and all(
-            (folder / name).stat().st_size == size for name, size in manifest["bytes"].items())
+        if manifest.get("key") != key:
+            return INCOMPLETE
+        files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+        return INCOMPLETE
+    for name, recorded in files.items():
+        try:
+            if (folder / name).stat().st_size != recorded["bytes"]:
+                return f"{name} is not of the size the manifest records"
+            if npy_header(folder / name) != recorded["header"]:
+                return f"the header of {name} differs from the one the manifest records"
+        except (OSError, KeyError, TypeError):
+            return f"{name} is missing or unreadable"
+    return None
 
 
 def open_or_build(kind: str, root: str | Path, name: str, data: TripletDataset, model: AFINE, frozen: dict[str, str],
                   d: Dist, amp: str = "off", images_per_pass: int = 384, workers: int = 0, own_root: bool = False,
                   progress: bool = True) -> CachedList:
-    """The list's entry under `root`, built first if missing, stale or half-written (every rank calls this).
+    """The list's entry under `root`, built first if missing, stale, half-written or damaged (every rank calls this).
 
     kind: SIMILARITY (stage 2) or SCORES (stage 3); frozen: {file: SHA-256} of the frozen networks; lists with
     augmentation (training) get 8 slots, others 1. `own_root` (the run folder's own cache): entries of the same
-    kind and list under another key are stale and removed. Rank 0 holds a lock on the entry meanwhile, so runs
-    sharing a cache_dir wait for each other instead of writing one entry twice.
+    kind and list under another key are stale and removed. Rank 0 holds a lock on the entry while building, so
+    runs sharing a cache_dir wait for each other instead of writing one entry twice; a complete entry is opened
+    without it (a read-only cache_dir serves its entries).
     """
     root = Path(root)
     table = pair_table(data)
@@ -181,8 +212,13 @@ def open_or_build(kind: str, root: str | Path, name: str, data: TripletDataset, 
     lock, plan = None, None
     if d.is_main:
         try:
-            lock = _lock(root, folder)
-            plan = ("open",) if is_complete(folder, key) else ("build",)
+            problem = entry_problem(folder, key)
+            if problem is not None:  # built under the lock; a complete entry is read without it
+                lock = _lock(root, folder)
+                problem = entry_problem(folder, key)  # another run may have built it meanwhile
+            plan = ("open",) if problem is None else ("build",)
+            if problem not in (None, INCOMPLETE):
+                warn(f"{folder}: cache entry damaged ({problem}); rebuilding it")
             if plan[0] == "build":
                 _create(kind, folder, table, augmentations, model, own_root)
         except AfineError as e:
@@ -198,7 +234,8 @@ def open_or_build(kind: str, root: str | Path, name: str, data: TripletDataset, 
                 write_json(folder / "manifest.json", {
                     "version": VERSION, "kind": kind, "list": name, "key": key, "frozen": frozen, "amp": amp,
                     "pairs": len(table.pairs), "references": len(table.refs), "augmentations": augmentations,
-                    "bytes": {f: (folder / f).stat().st_size for f in FILES[kind]}})
+                    "files": {f: {"bytes": (folder / f).stat().st_size, "header": npy_header(folder / f)}
+                              for f in FILES[kind]}})
             distributed.barrier(d)
         return CachedList(kind, folder, data, table)
     finally:
@@ -212,11 +249,11 @@ def _lock(root: Path, folder: Path):
         handle = open(root / f".{folder.name}.lock", "a+")
     except OSError as e:
         raise AfineError(f"{root}: cannot use as cache_dir ({reason(e)})") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:  # a POSIX record lock: held by this process alone (not by its forked image loaders), freed when it dies
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         print(f"{folder}: another run is building this cache; waiting for it", file=sys.stderr)
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.lockf(handle, fcntl.LOCK_EX)
     return handle
 
 

@@ -75,7 +75,8 @@ def state_dict_for_saving(module_or_state: nn.Module | dict) -> dict[str, torch.
 
 
 def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True) with one clear error naming the source and the keys at fault."""
+    """load_state_dict(strict=True) with one clear error naming the source and the keys at fault; weights holding
+    NaN or infinity are refused (they would score NaN, or train from it, without a word)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -90,6 +91,9 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: 
              if tuple(state_dict[k].shape) != tuple(v.shape)]
     if wrong:
         raise AfineError(f"{source}: wrong shapes: {', '.join(wrong[:4])}")
+    bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise AfineError(f"{source}: tensor {bad!r} holds NaN or infinity")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
@@ -116,18 +120,7 @@ def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor
     """
     path = Path(path)
     if path.is_dir():
-        parts, sources = {}, {}
-        for part, name in PART_FILES.items():
-            file = path / name
-            if file.is_file():
-                state = read_network_file(file) if part != "finetuned_clip" else read_clip_file(file, plain=True)
-                parts[part], sources[part] = state, str(file)
-        check_built_on(path)
-        for earlier in earlier_runs(path):  # a stage-2/3 run folder takes the frozen parts from its earlier stages
-            more, more_sources = read_afine_parts(earlier)
-            for part in more:
-                if part not in parts:
-                    parts[part], sources[part] = more[part], more_sources[part]
+        parts, sources = read_run_folder(path, {}, {})
         if not parts:
             raise AfineError(f"{path}: no A-FINE checkpoint files ({', '.join(PART_FILES.values())}) in this folder")
         return parts, sources
@@ -139,6 +132,31 @@ def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor
     if missing or unexpected:
         raise AfineError(f"{path}: wrong parts: missing {missing}, unexpected {unexpected}")
     return {p: strip_module_prefix(obj[p]) for p in PART_FILES}, {p: f"{path}[{p}]" for p in PART_FILES}
+
+
+def read_run_folder(folder: Path, digests: dict[str, str], read: dict[Path, tuple]) -> tuple[dict, dict]:
+    """The parts of a folder of per-network files and, for those it lacks, of the earlier stages' run folders its
+    config.json names, each checked against its built_on.json. `digests` and `read` (folder -> its parts) are
+    shared by one load, so no file is hashed or read twice."""
+    key = folder.resolve()
+    if key in read:
+        return read[key]
+    parts, sources = {}, {}
+    for part, name in PART_FILES.items():
+        file = folder / name
+        if file.is_file():
+            state = read_network_file(file) if part != "finetuned_clip" else read_clip_file(file, plain=True)
+            parts[part], sources[part] = state, str(file)
+    taken = []  # the earlier stages' files combined with this folder's own
+    for earlier in earlier_runs(folder):
+        more, more_sources = read_run_folder(earlier, digests, read)
+        for part in more:
+            if part not in parts:
+                parts[part], sources[part] = more[part], more_sources[part]
+                taken.append(Path(more_sources[part]))
+    check_built_on(folder, taken, digests)
+    read[key] = parts, sources
+    return parts, sources
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -163,21 +181,34 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_built_on(run_dir: Path) -> None:
-    """A training run's built_on.json lists the earlier stages' files it was trained on, with their SHA-256:
-    refuse to combine it with those files once they have changed (another stage-1 run in the same folder...)."""
+def file_digests(paths: list[Path], known: dict[str, str] | None = None) -> dict[str, str]:
+    """{absolute path: SHA-256} of the files (earlier stages' networks); those already in `known` (which gets
+    the new ones) are not hashed again: a CLIP file is hundreds of MB."""
+    known = {} if known is None else known
+    for path in paths:
+        if str(Path(path).resolve()) not in known:
+            known[str(Path(path).resolve())] = sha256(path)
+    return {str(Path(p).resolve()): known[str(Path(p).resolve())] for p in paths}
+
+
+def check_built_on(run_dir: Path, files: list[Path], digests: dict[str, str] | None = None) -> None:
+    """A training run's built_on.json holds the SHA-256 of the earlier stages' files it was trained on. Each of
+    `files` (earlier stages' files about to be combined with it) that it names must have the recorded digest, so
+    a file changed since, or a config.json or stage folder pointing to another run, is refused. Files are matched
+    by name (clip_model.pth, net_qhead.pth, net_dhead.pth: one each), so a moved copy of a run still loads;
+    `digests` (absolute path -> SHA-256) spares hashing a file twice."""
     record = run_dir / "built_on.json"
     if not record.is_file():
         return
     try:
-        digests = json.loads(record.read_text())
-        digests = {str(k): str(v) for k, v in digests.items()}
+        recorded = {Path(k).name: str(v) for k, v in json.loads(record.read_text()).items()}
     except (OSError, ValueError, AttributeError) as e:
         raise AfineError(f"{record}: cannot read ({e})") from None
-    for file, digest in digests.items():
-        if not Path(file).is_file() or sha256(file) != digest:
-            raise AfineError(f"{run_dir} was trained on {file}, which has changed or gone since; retrain this stage "
-                             "or point to the run folder it was trained on")
+    for file in files:
+        if file.name in recorded and file_digests([file], digests)[str(file.resolve())] != recorded[file.name]:
+            raise AfineError(f"{run_dir} was trained on another {file.name} than {file} (its built_on.json records "
+                             "another SHA-256: the file changed since, or a folder now points to another run); "
+                             "retrain this stage or point to the run folder it was trained on")
 
 
 def earlier_runs(run_dir: Path) -> list[Path]:

@@ -56,8 +56,7 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
             print(f"error: {printable(e)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+            return interrupts.stopped()
 
     return run
 

@@ -15,6 +15,11 @@ Labels g: 1 = first image better, 0 = second better, 0.5 = same. MOS: higher is 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from .interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import argparse
 import math
 import sys

@@ -38,6 +38,11 @@ generated image against the reference, in random order, with g12, g1y, g2y from 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load is one line, exit code 130
+    from .interrupts import exit_on_ctrl_c
+
+    exit_on_ctrl_c()
+
 import dataclasses
 import io
 import itertools

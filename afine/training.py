@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -186,12 +187,16 @@ def loader(data: TripletDataset, batches, workers: int, device: torch.device) ->
                                                           num_workers=workers, pin_memory=device.type == "cuda"))
 
 
-def file_digests(paths: list[Path]) -> dict[str, str]:
-    """{absolute path: SHA-256} of the files a stage is built on (earlier stages' networks)."""
-    return {str(Path(p).resolve()): sha256(p) for p in paths}
-
-
 # ---------------------------------------------------------------------------------------------- the run folder
+
+
+def lists_digest(data: TripletDataset, data_root: str | Path) -> str:
+    """SHA-256 of what a run trains on: its triplets in order, image paths relative to data_root, and labels
+    (a moved copy of the same data gives the same digest)."""
+    root = str(Path(data_root)) + os.sep
+    rows = "\n".join(f"{str(x1).removeprefix(root)}\t{str(x2).removeprefix(root)}\t{str(y).removeprefix(root)}\t"
+                     f"{g12!r}\t{g1y!r}\t{g2y!r}" for x1, x2, y, g12, g1y, g2y in data.items)
+    return hashlib.sha256(rows.encode()).hexdigest()
 
 
 @dataclass
@@ -201,6 +206,7 @@ class Run:
     cfg: object
     dist: Dist
     out: Path
+    train_lists: str = ""  # lists_digest of the training lists
     step: int = 0
     best: dict = field(default_factory=lambda: {"step": None, "val_mean": -math.inf})
     saved: int | None = None  # step of the newest state on disk
@@ -245,7 +251,10 @@ def check_state_file(path: Path) -> dict | None:
 
 
 def lock_folder(out: Path):
-    """An exclusive lock on out_dir/.lock held for the run; a second run on the folder fails naming the holder."""
+    """An exclusive lock on out_dir/.lock held for the run; a second run on the folder fails naming the holder.
+
+    A POSIX record lock (fcntl): it belongs to this process alone, not to the DataLoader workers it forks (which
+    share a flock), so the kernel frees it the moment the process dies, however it dies."""
     if out.exists() and not out.is_dir():
         raise AfineError(f"{out}: out_dir is a file, not a folder")
     try:
@@ -254,7 +263,7 @@ def lock_folder(out: Path):
     except OSError as e:
         raise AfineError(f"{out}: cannot use as run folder ({e.strerror})") from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
@@ -284,7 +293,7 @@ def fixed_keys_changed(saved: dict, cfg) -> list[str]:
     return [k for k in configs.differences(saved, configs.to_dict(cfg)) if k.split(".")[0] not in RESUMABLE]
 
 
-def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict) -> tuple[str, str | None]:
+def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict, train_lists: str) -> tuple[str, str | None]:
     """Rank 0 decides: ('fresh', None) or ('resume', state file); user mistakes raise."""
     states = state_files(out / "state")
     if cfg.resume and states:
@@ -305,6 +314,12 @@ def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict) -> tuple[s
                 moved = sorted(set(recorded) ^ set(built_on) | {k for k in recorded if recorded[k] != built_on.get(k)})
                 raise AfineError(f"{out}: was trained on other earlier-stage files than now ({', '.join(moved)} "
                                  "changed or differ); resume with the same stage folders or start afresh")
+            if "train_lists" not in meta:
+                warn(f"{path}: records no digest of the training lists (saved by an older version); not checked")
+            elif meta["train_lists"] != train_lists:
+                raise AfineError(f"{out}: the training lists under data_root {cfg.data_root} differ from those the "
+                                 "run was trained on (other triplets, order or labels); resume on the same data, "
+                                 "or start afresh with --resume=false --overwrite=true")
             if meta["step"] > cfg.total_iter:
                 raise AfineError(f"{out}: the run is at step {meta['step']}, beyond total_iter {cfg.total_iter}")
             return "resume", str(path)
@@ -335,18 +350,20 @@ def _unsaved_start(out: Path, cfg, built_on: dict) -> bool:
     return best.get("step") == 0 and not fixed_keys_changed(saved, cfg) and saved_on == built_on
 
 
-def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global_batch: int,
+def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global_batch: int, data: TripletDataset,
           built_on: dict | None = None) -> Run:
-    """Lock the run folder, then start afresh (every rank from rank 0's weights) or resume the newest state."""
+    """Lock the run folder, then start afresh (every rank from rank 0's weights) or resume the newest state
+    (refused if the training lists `data`, the earlier stages' files `built_on` or fixed config keys changed)."""
     out = Path(cfg.out_dir)
     built_on = built_on or {}
     run = Run(cfg, d, out)
     plan = None
     if d.is_main:
         try:
+            run.train_lists = lists_digest(data, cfg.data_root)
             run.lock = lock_folder(out)
             remove_leftovers(out)
-            plan = _plan(cfg, d, out, global_batch, built_on)
+            plan = _plan(cfg, d, out, global_batch, built_on, run.train_lists)
         except AfineError as e:
             plan = ("error", str(e))
     plan = distributed.broadcast_object(d, plan)
@@ -587,7 +604,8 @@ def save(run: Run, trained: dict[str, nn.Module], optimizer, scaler, files: dict
         finished = run.step >= run.cfg.total_iter
         write_json(path.with_suffix(".json"), {"step": run.step, "finished": finished, "bytes": path.stat().st_size,
                                                "sha256": sha256(path), "global_batch": global_batch,
-                                               "built_on": built_on, "config": configs.to_dict(run.cfg)})
+                                               "built_on": built_on, "train_lists": run.train_lists,
+                                               "config": configs.to_dict(run.cfg)})
         for _, stale in state_files(run.state_dir)[KEEP_STATES:]:
             stale.unlink(missing_ok=True)
             stale.with_suffix(".json").unlink(missing_ok=True)
@@ -618,13 +636,13 @@ def main(train: Callable, config_class, argv: list[str] | None, doc: str) -> int
         with interrupts.handled():
             train(cfg, d)
     except KeyboardInterrupt:
-        if d is None or d.is_main:
-            saved = state_files(Path(cfg.out_dir) / "state") if cfg is not None else None
-            print("interrupted" if saved is None else
-                  f"interrupted; run the same command again to resume from step {saved[0][0]} (the last save)"
-                  if saved else "interrupted before the first save; run the same command again to start afresh",
-                  file=sys.stderr)
-        return 130
+        if d is not None and not d.is_main:
+            return interrupts.stopped(None)
+        saved = state_files(Path(cfg.out_dir) / "state") if cfg is not None else None
+        return interrupts.stopped(
+            "interrupted" if saved is None else
+            f"interrupted; run the same command again to resume from step {saved[0][0]} (the last save)" if saved
+            else "interrupted before the first save; run the same command again to start afresh")
     except Exception as e:  # noqa: BLE001 - user mistakes (also raised in DataLoader workers) become one line
         error = unwrap_worker_error(e)
         if not isinstance(error, AfineError):

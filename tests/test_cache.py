@@ -5,6 +5,7 @@ the uncached path, a cache keyed by the frozen files, rebuilt when half-written,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from tests.test_train import (  # noqa: F401 - module-scoped fixtures shared wit
     synth,
     weights,
 )
-from tests.test_train_distributed import RUNNER
+from tests.test_train_distributed import on_two_processes
 
 CPU = torch.device("cpu")
 # Adam's eps at 1e-3 (as in test_train_distributed): with the published 1e-8 an update is +-lr for any gradient,
@@ -167,7 +168,8 @@ def test_a_half_written_cache_is_rebuilt(square, square_s1, tmp_path, monkeypatc
     assert all(torch.equal(again[k], v) for k, v in reference.items())
     assert (entry / "manifest.json").is_file()
     (entry / "similarity.npy").write_bytes(b"truncated")  # damaged after the manifest: sizes no longer match
-    assert not cache.is_complete(entry, json.loads((entry / "manifest.json").read_text())["key"])
+    key = json.loads((entry / "manifest.json").read_text())["key"]
+    assert cache.entry_problem(entry, key) == "similarity.npy is not of the size the manifest records"
 
 
 def test_killed_cached_run_resumes_bitwise(square, square_s1, tmp_path, monkeypatch):
@@ -201,28 +203,119 @@ def test_an_unusable_cache_dir_is_a_one_line_error(square, square_s1, tmp_path, 
 
 
 
-def test_two_processes_build_the_same_cache_and_train_alike(square, square_s1, tmp_path):
-    import os
-    import subprocess
-    import sys
+# ---------------------------------------------------------------------------------------------- one list's entry
 
-    root = Path(__file__).resolve().parents[1]
-    runner = tmp_path / "runner.py"
-    runner.write_text(RUNNER.format(root=str(root), stage=2))
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from tests.tiny import random_afine, tiny_clip
+
+    return random_afine(tiny_clip())
+
+
+def open_entry(root: Path, data_root: Path, model, name: str = "val") -> cache.CachedList:
+    """The stage-3 entry of the corpus' validation list (one augmentation slot: a few tiny encodes)."""
+    data = TripletDataset.from_lists(data_root, ["KADID10K"], "Validation", augment=False)
+    return cache.open_or_build(cache.SCORES, root, name, data, model, {"net.pth": "0" * 64}, Dist(), progress=False)
+
+
+def rewrite(path: Path, restore_times: bool) -> None:
+    """Write the file's bytes again in place; with `restore_times`, set its modification time back (`touch -r`)."""
+    before = path.stat()
+    while path.stat().st_ctime_ns == before.st_ctime_ns:  # file times have a clock tick of a few ms
+        path.write_bytes(path.read_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns if restore_times else before.st_mtime_ns + 10**9))
+    after = path.stat()
+    assert after.st_size == before.st_size and (after.st_mtime_ns == before.st_mtime_ns) == restore_times
+
+
+def test_a_rewritten_image_gets_a_new_entry_even_with_its_size_and_time_set_back(square, tiny_model, tmp_path):
+    data, shared = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(square, data)
+    first = open_entry(shared, data, tiny_model).folder
+    assert open_entry(shared, data, tiny_model).folder == first  # nothing changed: found again
+    image = data / "KADID10K" / "images" / "I00_01.png"
+    rewrite(image, restore_times=False)  # a plain rewrite: a new modification time
+    second = open_entry(shared, data, tiny_model).folder
+    rewrite(image, restore_times=True)  # size and modification time as before: only the change time tells
+    third = open_entry(shared, data, tiny_model).folder
+    moved = data / "KADID10K" / "images" / "new.png"  # replaced by another file (another inode)
+    shutil.copy2(image, moved)
+    os.replace(moved, image)
+    fourth = open_entry(shared, data, tiny_model).folder
+    assert len({first, second, third, fourth}) == 4 and len(list(shared.glob("scores-val-*"))) == 4
+
+
+def test_a_damaged_npy_header_is_rebuilt_with_a_warning(square, tiny_model, tmp_path, capsys):
+    entry = open_entry(tmp_path / "cache", square, tiny_model)
+    expected = {name: np.array(a) for name, a in entry.arrays.items()}
+    path = entry.folder / "pair_scores.npy"
+    del entry
+    for damage in (b"'descr': '<f8'", b"'descr': '|O' "):  # another float type; Python objects (numpy: allow_pickle)
+        path.write_bytes(path.read_bytes().replace(b"'descr': '<f4'", damage))  # the same size
+        capsys.readouterr()
+        entry = open_entry(tmp_path / "cache", square, tiny_model)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"warning: {entry.folder}: cache entry damaged (the header "
+                                                       "of pair_scores.npy differs"), lines
+        assert all(np.array_equal(entry.arrays[name], a) for name, a in expected.items())
+        del entry
+
+
+def test_a_read_only_cache_dir_serves_its_complete_entries(square, tiny_model, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    shared = tmp_path / "cache"
+    built = open_entry(shared, square, tiny_model)
+    expected = np.array(built.arrays["pair_scores.npy"])
+
+    def read_only(path, mode="r", *a, **k):  # what a read-only folder does (root would ignore permission bits)
+        if any(c in mode for c in "wax+"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return builtins.open(path, mode, *a, **k)
+
+    monkeypatch.setattr(cache, "open", read_only, raising=False)
+    again = open_entry(shared, square, tiny_model)
+    assert again.folder == built.folder and np.array_equal(again.arrays["pair_scores.npy"], expected)
+    with pytest.raises(cache.AfineError, match=f"{shared}: cannot use as cache_dir \\(permission denied\\)"):
+        open_entry(shared, square, tiny_model, name="other")  # missing: it needs the lock
+
+
+def test_two_processes_build_the_same_cache_and_train_alike(square, square_s1, tmp_path):
     common = {"stage1_dir": square_s1, "cache": "true", "total_iter": 4, "val_every": 2, "lr.fidelity": 1e-2, **EXACT}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
-           *args(square, tmp_path / "two", batch_size=2, **common)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = on_two_processes(2, args(square, tmp_path / "two", batch_size=2, **common), tmp_path)
     one = trained(train_stage2.train(stage2_config(square, tmp_path / "one", square_s1, batch_size=4, **{
         k: v for k, v in common.items() if k != "stage1_dir"}), Dist()), ("fidelity",))
-    rank0 = torch.load(tmp_path / "two" / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "two" / "rank1.pt", weights_only=True)
     for k, v in one.items():
         assert torch.equal(rank0[k], rank1[k])
         torch.testing.assert_close(rank0[k], v, rtol=0, atol=1e-5)
     for name in ("train", "val-KADID10K"):  # each rank wrote its share of the rows: together the whole
         [a], [b] = entries(tmp_path / "two" / "cache", name=name), entries(tmp_path / "one" / "cache", name=name)
         assert np.array_equal(np.load(a / "similarity.npy"), np.load(b / "similarity.npy"))
+    assert validations(tmp_path / "two") == validations(tmp_path / "one")
+
+
+def test_stage3_on_two_processes_ends_where_one_process_ends(square, square_s1, tmp_path):
+    """Each rank divides its losses by the global batch (not its own share): the logged gradient norm, which
+    Adam's update hides, and the weights agree with one process doing the whole batch."""
+    s2 = tmp_path / "s2"
+    stage2(square, s2, square_s1, total_iter=1)
+    common = {"stage2_dir": s2, "cache": "true", "total_iter": 4, "val_every": 2, "lr.natural_scale": 1e-2,
+              "lr.fidelity_scale": 1e-2, "lr.adapter": 1e-2, **EXACT}
+    rank0, rank1 = on_two_processes(3, args(square, tmp_path / "two", batch_size=2, **common), tmp_path)
+    names = ("natural_scale", "fidelity_scale", "adapter")
+    start = trained(train_stage3.build_model(stage3_config(square, tmp_path / "x", s2, stage1_dir=square_s1)), names)
+    one = trained(train_stage3.train(stage3_config(square, tmp_path / "one", s2, batch_size=4, **{
+        k: v for k, v in common.items() if k != "stage2_dir"}), Dist()), names)
+    for k, v in one.items():
+        assert torch.equal(rank0[k], rank1[k])
+        torch.testing.assert_close(rank0[k], v, rtol=0, atol=1e-5)
+        assert (v - start[k]).abs().max() > 1e-3, k  # trained, far beyond the tolerance
+    steps = {run: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (tmp_path / run / "log.jsonl")
+                                                                         .read_text().splitlines()) if "loss" in r]
+             for run in ("one", "two")}
+    assert [s for s, *_ in steps["two"]] == [1, 2, 3, 4]
+    for (_, *a), (_, *b) in zip(steps["two"], steps["one"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
     assert validations(tmp_path / "two") == validations(tmp_path / "one")

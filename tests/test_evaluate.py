@@ -346,14 +346,15 @@ def test_the_default_clip_is_read_only_when_the_weights_hold_none(corpus, tmp_pa
     assert "data/ViT-B-32.pt: CLIP checkpoint not found" in capsys.readouterr().err
 
 
-def test_ctrl_c_while_loader_workers_start_is_one_line_and_exit_130(hand, tmp_path):
+@pytest.mark.parametrize("again", [False, True])  # True: a second Ctrl-C as the loader's workers are shut down
+def test_ctrl_c_while_loader_workers_start_is_one_line_and_exit_130(hand, tmp_path, again):
     from tests.tiny import ctrl_c_at_worker
 
     run, data, _ = hand
     script = Path(__file__).resolve().parents[1] / "evaluate.py"
     code, err = ctrl_c_at_worker(script, ["--bench", "kadid10k", "--data-root", data, "--weights", run,
                                                 "--stage", "1", "--workers", "2", "--batch-size", "1",
-                                                "--no-progress"], tmp_path)
+                                                "--no-progress"], tmp_path, again=again)
     assert (code, err) == (130, "interrupted\n")
 
 

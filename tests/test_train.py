@@ -3,6 +3,7 @@ exact resume, damaged states, the NaN guard, and validation accuracy against an 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import train_stage2
 import train_stage3
 from afine import config
 from afine.batches import GlobalBatches, distinct_images
-from afine.checkpoint import read_afine_parts, read_network_file, save_afine
+from afine.checkpoint import read_afine_parts, read_network_file, save_afine, state_dict_for_saving
 from afine.datasets import TripletDataset, collate_triplets
 from afine.distributed import Dist
 from afine.errors import AfineError
@@ -240,8 +241,15 @@ def test_run_folders_load_in_our_tools(synth, stage1_run, stage2_run, tmp_path):
     merged = torch.load(tmp_path / "s3" / "afine.pth", weights_only=True)
     assert sorted(merged) == sorted(["finetuned_clip", "natural", "fidelity", "fidelity_scale", "natural_scale",
                                      "adapter"])
-    parts, _ = read_afine_parts(tmp_path / "s3")
+    from afine import checkpoint
+
+    hashed = []
+    sha256 = checkpoint.sha256
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "sha256", lambda path: hashed.append(Path(path).resolve()) or sha256(path))
+        parts, _ = read_afine_parts(tmp_path / "s3")
     assert set(parts) == set(merged)
+    assert sorted(p.name for p in hashed) == ["clip_model.pth", "net_dhead.pth", "net_qhead.pth"]  # once each
 
 
 def test_stage3_starts_from_fit_gamma_output(synth, stage2_run, tmp_path):
@@ -308,6 +316,38 @@ def test_killed_run_resumes_bitwise(square, tmp_path, monkeypatch):
     assert steps == list(range(1, 9))  # every step logged once, the re-run ones included
 
 
+def test_killed_fp16_run_resumes_bitwise_with_its_gradient_scale(square, tmp_path, monkeypatch):
+    from functools import partial
+
+    # the scale doubles after every step without overflow (halves after one with): by the step-4 save it is far
+    # from where it starts, so a resume that starts the scaler afresh scales (and skips) other steps
+    monkeypatch.setattr(torch.amp, "GradScaler", partial(torch.amp.GradScaler, growth_interval=1))
+    over = dict(total_iter=6, save_every=2, amp="fp16")
+    reference = run_uninterrupted(square, tmp_path / "a", **over)
+    losses = train_stage1.triplet_losses
+    kill_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1.train(stage1_config(square, tmp_path / "b", **over), Dist())
+    monkeypatch.setattr(train_stage1, "triplet_losses", losses)
+    resumed = weights(train_stage1.train(stage1_config(square, tmp_path / "b", **over), Dist()))
+    scales = [[torch.load(path, weights_only=True)["scaler"]["scale"] for _, path in state_files(tmp_path / run /
+                                                                                                 "state")]
+              for run in ("a", "b")]
+    assert scales[0] == scales[1] and scales[0][1] >= 2.0**18  # (steps 6, 4) equal; the scale grew from 2**16
+    assert all(torch.equal(resumed[k], v) for k, v in reference.items())
+
+
+def test_a_resume_after_a_save_refuses_another_seed_or_order(square, tmp_path, capsys):
+    argv = args(square, tmp_path / "s1", clip="random-tiny", total_iter=2, save_every=2)
+    assert train_stage1.main(argv) == 0
+    capsys.readouterr()
+    for change, key in (("--seed=1", "seed"), ("--shuffle=false", "shuffle"), ("--optim.eps=1e-3", "optim.eps")):
+        assert train_stage1.main([*argv, "--total_iter=4", change]) == 2
+        assert capsys.readouterr().err == f"error: {tmp_path / 's1'}: config differs from the run being resumed in " \
+            f"{key}; use the same values, or --resume=false --overwrite=true to start afresh\n"
+    assert [s for s, _ in state_files(tmp_path / "s1" / "state")] == [2]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_state_is_detected_and_the_previous_one_used(square, tmp_path, capsys, damage):
     over = dict(total_iter=6, save_every=2)
@@ -364,6 +404,26 @@ def test_finished_run_is_kept_unless_told(square, tmp_path, capsys):
     assert (tmp_path / "s1" / "net_qhead.pth").read_bytes() == first  # same seed, fresh run: same weights
     assert train_stage1.main([*argv, "--total_iter=3"]) == 0  # extend a finished run
     assert [s for s, _ in state_files(tmp_path / "s1" / "state")] == [3, 2]
+
+
+def test_a_resume_refuses_other_training_lists_and_accepts_a_moved_copy_of_the_data(square, tmp_path, capsys):
+    import shutil
+
+    moved, other = tmp_path / "moved", tmp_path / "other"
+    shutil.copytree(square, moved)
+    shutil.copytree(square, other)
+    triplets = other / "KADID10K" / "Train" / "Triplet" / "Triplet.txt"
+    lines = triplets.read_text().splitlines(keepends=True)
+    triplets.write_text("".join(lines[1:] + lines[:1]))  # the same triplets in another order: another trajectory
+    argv = args(square, tmp_path / "s1", clip="random-tiny", total_iter=2, save_every=2)
+    assert train_stage1.main(argv) == 0
+    capsys.readouterr()
+    assert train_stage1.main([*argv, f"--data_root={other}", "--total_iter=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 's1'}: the training lists under data_root {other} differ") and \
+        err.count("\n") == 1, err
+    assert train_stage1.main([*argv, f"--data_root={moved}", "--total_iter=4"]) == 0  # data_root may change
+    assert [s for s, _ in state_files(tmp_path / "s1" / "state")] == [4, 2]
 
 
 def test_user_mistakes_are_one_line_errors(square, tmp_path, capsys):
@@ -523,16 +583,38 @@ def test_sigkill_mid_training_then_resume_ends_bitwise_like_an_uninterrupted_run
     assert not orphan.exists()
 
 
-def test_a_second_run_on_a_locked_folder_fails_naming_the_holder(square, tmp_path, capsys):
+HOLD_LOCK = """
+import os, sys, time
+from pathlib import Path
+from afine.training import lock_folder
+handle = lock_folder(Path(sys.argv[1]))
+child = os.fork()  # a child that outlives this process, as DataLoader workers do for a few seconds
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_run_lock_names_its_holder_and_dies_with_it_not_with_its_children(square, tmp_path, capsys):
     out = tmp_path / "s1"
-    handle = lock_folder(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
     try:
         assert train_stage1.main(args(square, out, clip="random-tiny")) == 2
+        err = capsys.readouterr().err
+        assert "in use by another training run" in err and f"pid {holder.pid}" in err and err.count("\n") == 1
+        holder.kill()  # SIGKILL of the main process alone: its child still runs
+        holder.wait()
+        os.kill(child, 0)
+        lock_folder(out).close()  # at once: the lock went with its holder
     finally:
-        handle.close()
-    err = capsys.readouterr().err
-    assert "in use by another training run" in err and f"pid {os.getpid()}" in err and err.count("\n") == 1
-    assert train_stage1.main(args(square, out, clip="random-tiny")) == 0  # released: the folder is usable again
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    assert train_stage1.main(args(square, out, clip="random-tiny")) == 0
 
 
 def test_a_fresh_start_never_deletes_an_unfinished_run_without_overwrite(square, tmp_path, capsys):
@@ -565,6 +647,42 @@ def test_stage2_refuses_to_resume_or_load_on_a_changed_stage1(synth, stage1_run,
         load_afine(None, tmp_path / "s2", require=("fidelity",))
 
 
+def test_a_run_folder_now_pointing_to_another_earlier_run_is_refused_a_moved_copy_loads(synth, stage1_run,
+                                                                                          stage2_run, tmp_path, capsys):
+    import shutil
+
+    def point(run: Path, stage1: Path) -> None:
+        saved = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**saved, "stage1_dir": str(stage1)}))
+
+    other = tmp_path / "s1b"  # another stage-1 run: the same files but for its CLIP
+    shutil.copytree(stage1_run, other)
+    clip = torch.load(other / "clip_model.pth", weights_only=True)
+    clip["visual.ln_pre.bias"] += 0.1
+    torch.save(clip, other / "clip_model.pth")
+    edited = tmp_path / "s2e"
+    shutil.copytree(stage2_run, edited)
+    point(edited, other)
+    message = f"{edited} was trained on another clip_model.pth than {other / 'clip_model.pth'} (its built_on.json"
+    with pytest.raises(AfineError) as refused:
+        load_afine(None, edited, require=("fidelity",))  # what evaluate.py --weights s2e --stage 2 loads
+    assert str(refused.value).startswith(message)
+    assert train_stage3.main(args(synth, tmp_path / "s3", stage2_dir=edited)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    moved = tmp_path / "moved"  # both runs moved elsewhere together: the files loaded are the recorded ones
+    shutil.copytree(stage1_run, moved / "s1")
+    shutil.copytree(stage2_run, moved / "s2")
+    point(moved / "s2", moved / "s1")
+    shutil.move(stage1_run, tmp_path / "gone")  # the recorded paths are gone
+    try:
+        model = load_afine(None, moved / "s2", require=("natural", "fidelity"))
+    finally:
+        shutil.move(tmp_path / "gone", stage1_run)
+    assert torch.equal(model.clip.visual.ln_pre.bias, torch.load(stage1_run / "clip_model.pth",
+                                                                  weights_only=True)["visual.ln_pre.bias"])
+
+
 # ---------------------------------------------------------------------------------------------- fine-tuning
 
 
@@ -590,6 +708,24 @@ def test_fine_tuning_from_an_afine_pth_starts_exactly_at_its_scores(synth, tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(AfineError, match="init_from holds no fidelity"):
         train_stage2.build_model(stage2_config(synth, tmp_path / "x", runs[1], init_from=runs[1]))
+
+
+@pytest.mark.parametrize("part,key,value", [("finetuned_clip", "visual.ln_pre.bias", math.inf),
+                                            ("fidelity", "alpha", math.nan), ("adapter", "k", -math.inf)])
+def test_init_from_weights_holding_nan_or_infinity_are_refused(synth, stage1_run, stage2_run, tmp_path, capsys, part,
+                                                               key, value):
+    from tests.tiny import random_afine, tiny_clip
+
+    parts = {name: state_dict_for_saving(m) for name, m in random_afine(tiny_clip()).parts().items()}
+    parts[part][key].view(-1)[3 % parts[part][key].numel()] = value
+    save_afine(tmp_path / "bad.pth", parts)
+    stage = {"finetuned_clip": 1, "fidelity": 2, "adapter": 3}[part]
+    script, over = {1: (train_stage1, {"clip": "random-tiny"}), 2: (train_stage2, {"stage1_dir": stage1_run}),
+                    3: (train_stage3, {"stage2_dir": stage2_run})}[stage]
+    assert script.main(args(synth, tmp_path / "run", init_from=tmp_path / "bad.pth", **over)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'bad.pth'}[{part}]: tensor {key!r} holds NaN or infinity\n"
+    assert not (tmp_path / "run" / "best").exists()
 
 
 # ---------------------------------------------------------------------------------------------- one-line failures
@@ -649,6 +785,18 @@ def test_ctrl_c_while_loader_workers_start_stops_the_run_with_one_line(square, t
 
     argv = args(square, tmp_path / "s1", clip="random-tiny", workers=2, total_iter=50, save_every=10)
     code, err = ctrl_c_at_worker(ROOT / "train_stage1.py", argv, tmp_path)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert code == 130, err
+    assert lines == ["interrupted before the first save; run the same command again to start afresh"], err
+
+
+def test_a_second_ctrl_c_while_validation_stops_is_silent(square, tmp_path):
+    """The second lands as the validation loader's workers are shut down, after the run printed its line: Python
+    would print 'Exception ignored ... KeyboardInterrupt' there."""
+    from tests.tiny import ctrl_c_at_worker
+
+    argv = args(square, tmp_path / "s1", clip="random-tiny", workers=2, total_iter=50, val_every=2, save_every=10)
+    code, err = ctrl_c_at_worker(ROOT / "train_stage1.py", argv, tmp_path, fork=1, again=True)
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
     assert code == 130, err
     assert lines == ["interrupted before the first save; run the same command again to start afresh"], err

@@ -94,25 +94,65 @@ def write_checkpoints(folder: Path, model: AFINE) -> dict[str, Path]:
 
 
 # A Ctrl-C to the command's whole process group (what a terminal sends) at the moment its n-th DataLoader
-# worker is forked: run as `python -c CTRL_C_AT_WORKER N script.py args...` in a session of its own.
+# worker is forked, and with AGAIN=1 a second one as that loader shuts its workers down (after the command
+# stopped): run as `python -c CTRL_C_AT_WORKER N AGAIN script.py args...` in a session of its own.
 CTRL_C_AT_WORKER = """
 import os, runpy, signal, sys
 import torch  # before the hook: only the forks of DataLoader workers count
-forks, at = [], int(sys.argv[1])
+from torch.utils.data import dataloader
+forks, at, again = [], int(sys.argv[1]), sys.argv[2] == "1"
 def ctrl_c():
     forks.append(True)
     if len(forks) == at:
         os.killpg(os.getpgrp(), signal.SIGINT)
 os.register_at_fork(after_in_parent=ctrl_c)
-sys.argv = sys.argv[2:]
+shutdown = dataloader._MultiProcessingDataLoaderIter._shutdown_workers
+def ctrl_c_again(self):
+    global again
+    if again and len(forks) >= at:
+        again = False
+        os.killpg(os.getpgrp(), signal.SIGINT)
+    return shutdown(self)
+dataloader._MultiProcessingDataLoaderIter._shutdown_workers = ctrl_c_again
+sys.argv = sys.argv[3:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+# A Ctrl-C as the command starts importing module M (torch, numpy: before any of the command's own code
+# runs): `python -c CTRL_C_AT_IMPORT M script.py|-m module args...`.
+CTRL_C_AT_IMPORT = """
+import os, runpy, signal, sys
+module = sys.argv[1]
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+if sys.argv[2] == "-m":
+    sys.argv = sys.argv[3:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = sys.argv[2:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
-def ctrl_c_at_worker(script: Path, args: list, cwd: Path, fork: int = 1) -> tuple[int, str]:
-    """(exit code, stderr) of `script args` hit by Ctrl-C as its `fork`-th DataLoader worker starts."""
+
+def _run(code: str, args: list, cwd: Path) -> tuple[int, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_WORKER, str(fork), str(script), *map(str, args)],
-                          cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          timeout=300, start_new_session=True)
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=300, start_new_session=True)
     return proc.returncode, proc.stderr
+
+
+def ctrl_c_at_worker(script: Path, args: list, cwd: Path, fork: int = 1, again: bool = False) -> tuple[int, str]:
+    """(exit code, stderr) of `script args` hit by Ctrl-C as its `fork`-th DataLoader worker starts (and, with
+    `again`, once more as that loader's workers are shut down)."""
+    return _run(CTRL_C_AT_WORKER, [fork, int(again), script, *args], cwd)
+
+
+def ctrl_c_at_import(command: list, module: str, cwd: Path) -> tuple[int, str]:
+    """(exit code, stderr) of `command` (a script and its arguments, or ["-m", module, ...]) hit by Ctrl-C as it
+    starts importing `module`."""
+    return _run(CTRL_C_AT_IMPORT, [module, *command], cwd)
