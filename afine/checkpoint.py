@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -36,7 +37,9 @@ def atomic_save(obj, path: str | Path) -> None:
 def torch_load(path: str | Path):
     """torch.load on CPU with weights_only (tensors and plain containers only: nothing in the file is run).
 
-    A missing or unreadable file is an AfineError naming it.
+    Files in torch's zip format (every torch.save since PyTorch 1.6) are memory-mapped: a tensor's bytes are read
+    from disk only when it is used or copied, so parts a caller drops are never read. A missing or unreadable file
+    is an AfineError naming it.
     """
     path = Path(path)
     if not path.is_file():
@@ -44,7 +47,7 @@ def torch_load(path: str | Path):
     if is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load
         raise AfineError(f"{path}: a TorchScript archive, expected a plain torch.save file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
         raise AfineError(f"{path}: cannot read checkpoint ({load_error_reason(e)})") from None
 
@@ -73,6 +76,14 @@ def state_dict_for_saving(module_or_state: nn.Module | dict) -> dict[str, torch.
 
 def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True) with one clear error naming the source and the keys at fault."""
+    check_keys(module, state_dict, source)
+    own = module.state_dict()
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+def check_keys(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """AfineError naming the source and the keys at fault unless `state_dict` has exactly the module's keys and
+    shapes (the module may be on the meta device: only shapes are compared)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -87,7 +98,6 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: 
              if tuple(state_dict[k].shape) != tuple(v.shape)]
     if wrong:
         raise AfineError(f"{source}: wrong shapes: {', '.join(wrong[:4])}")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
 def read_network_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -233,13 +243,24 @@ def run_file(folder: str | Path, name: str, stage: int) -> Path:
     return path
 
 
-def build_clip(state_dict: dict[str, torch.Tensor], source: str) -> CLIP:
-    """A float32 CLIP whose architecture follows the state dict's shapes (archive metadata entries ignored)."""
+def build_clip(state_dict: dict[str, torch.Tensor], source: str, text_tower: bool = True) -> CLIP:
+    """A float32 CLIP whose architecture follows the state dict's shapes (archive metadata entries ignored).
+
+    Every key of the full CLIP is checked strictly. The model is built on the meta device and handed the tensors
+    (no random initialisation to overwrite). With the text tower (training, export) every tensor is copied;
+    without it (scoring) the text tower's tensors are dropped unread and float32 image-tower tensors are used as
+    they are, still memory-mapped when torch_load mapped the file.
+    """
     state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALARS}
     try:
         config = CLIP.config_from_state_dict(state_dict)
     except ValueError as e:
         raise AfineError(f"{source}: {e}") from None
-    model = CLIP(**config)
-    load_strict(model, state_dict, source)
+    with torch.device("meta"):
+        full = CLIP(**config)
+        model = full if text_tower else CLIP(**config, text_tower=False)
+    check_keys(full, state_dict, source)
+    keys = model.state_dict().keys()
+    model.load_state_dict({k: v.to(torch.float32, copy=text_tower) for k, v in state_dict.items() if k in keys},
+                          strict=True, assign=True)
     return model
