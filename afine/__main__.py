@@ -1,4 +1,4 @@
-"""`python -m afine <command>`: the package's command line (score, curves)."""
+"""`afine <command>` (installed by pip) or `python -m afine <command>`: the command line (score, curves)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load i
 
 import sys
 
-from . import score
 from .errors import ArgumentParser, command
+from .interrupts import exit_on_ctrl_c
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m afine", description="A-FINE image quality (lower is better).")
+    from . import score  # here, not above: the `afine` command handles Ctrl-C before torch loads (entry)
+
+    prog = "python -m afine" if sys.argv[0].endswith("__main__.py") else "afine"
+    parser = ArgumentParser(prog=prog, description="A-FINE image quality (lower is better).")
     commands = parser.add_subparsers(dest="command", required=True)
     score.add_arguments(commands.add_parser("score", help="score (dis, ref) image pairs"))
     curves = commands.add_parser("curves", help="training curves of run folders as one PNG (needs matplotlib)")
@@ -27,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return plots.curves_command(args)
     return score.run(args)
+
+
+def entry() -> int:
+    """The `afine` command that `pip install` makes: Ctrl-C is one line and exit code 130 from the first moment,
+    as for `python -m afine` (afine/interrupts.py)."""
+    exit_on_ctrl_c()
+    return main()
 
 
 if __name__ == "__main__":

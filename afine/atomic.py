@@ -92,10 +92,12 @@ def check_writable(path: str | Path, inputs: Iterable[str | Path] = ()) -> None:
         raise AfineError(f"{path}: cannot write ({reason(e)})") from None
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None],
+                 check: Callable[[Path], None] | None = None) -> None:
     """Call `write(f)` on a binary temp file beside `path`, fsync it, and rename it to `path`.
 
-    The file gets the usual mode for new files, 0666 less the process umask.
+    The file gets the usual mode for new files, 0666 less the process umask. `check(temp path)`, if given, runs on
+    the complete file before the rename; when it raises, nothing is renamed and the temp file is removed.
     """
     path = Path(path)
     if path.is_dir():
@@ -112,6 +114,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException as e:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -37,7 +38,9 @@ def atomic_save(obj, path: str | Path) -> None:
 def torch_load(path: str | Path):
     """torch.load on CPU with weights_only (tensors and plain containers only: nothing in the file is run).
 
-    A missing or unreadable file is an AfineError naming it.
+    Files in torch's zip format (every torch.save since PyTorch 1.6) are memory-mapped: a tensor's bytes are read
+    from disk only when it is used or copied, so parts a caller drops are never read. A missing or unreadable file
+    is an AfineError naming it.
     """
     path = Path(path)
     if not path.is_file():
@@ -47,7 +50,7 @@ def torch_load(path: str | Path):
     try:
         with warnings.catch_warnings():  # its note on a pickle protocol would print before our one error line
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
         raise AfineError(f"{path}: cannot read checkpoint ({load_error_reason(e)})") from None
 
@@ -77,6 +80,15 @@ def state_dict_for_saving(module_or_state: nn.Module | dict) -> dict[str, torch.
 def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True) with one clear error naming the source and the keys at fault; weights holding
     NaN or infinity are refused (they would score NaN, or train from it, without a word)."""
+    check_keys(module, state_dict, source)
+    check_finite(state_dict, source)
+    own = module.state_dict()
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+def check_keys(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """AfineError naming the source and the keys at fault unless `state_dict` has exactly the module's keys and
+    shapes (the module may be on the meta device: only shapes are compared)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -91,10 +103,13 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: 
              if tuple(state_dict[k].shape) != tuple(v.shape)]
     if wrong:
         raise AfineError(f"{source}: wrong shapes: {', '.join(wrong[:4])}")
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """AfineError naming the source and the first tensor holding NaN or infinity."""
     bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise AfineError(f"{source}: tensor {bad!r} holds NaN or infinity")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
 def read_network_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -281,13 +296,25 @@ def run_file(folder: str | Path, name: str, stage: int) -> Path:
     return path
 
 
-def build_clip(state_dict: dict[str, torch.Tensor], source: str) -> CLIP:
-    """A float32 CLIP whose architecture follows the state dict's shapes (archive metadata entries ignored)."""
+def build_clip(state_dict: dict[str, torch.Tensor], source: str, text_tower: bool = True) -> CLIP:
+    """A float32 CLIP whose architecture follows the state dict's shapes (archive metadata entries ignored).
+
+    Every key of the full CLIP is checked strictly. The model is built on the meta device and handed the tensors
+    (no random initialisation to overwrite). With the text tower (training, export) every tensor is copied;
+    without it (scoring) the text tower's tensors are dropped unread and float32 image-tower tensors are used as
+    they are, still memory-mapped when torch_load mapped the file.
+    """
     state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALARS}
     try:
         config = CLIP.config_from_state_dict(state_dict)
     except ValueError as e:
         raise AfineError(f"{source}: {e}") from None
-    model = CLIP(**config)
-    load_strict(model, state_dict, source)
+    with torch.device("meta"):
+        full = CLIP(**config)
+        model = full if text_tower else CLIP(**config, text_tower=False)
+    check_keys(full, state_dict, source)
+    keys = model.state_dict().keys()
+    used = {k: v for k, v in state_dict.items() if k in keys}
+    check_finite(used, source)
+    model.load_state_dict({k: v.to(torch.float32, copy=text_tower) for k, v in used.items()}, strict=True, assign=True)
     return model

@@ -86,18 +86,25 @@ def resize_positional_embedding(table: torch.Tensor, tokens: int) -> torch.Tenso
     return resized[0, 0].to(table.dtype)
 
 
+def normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """Initial values std * N(0, 1); left empty on the meta device, where a model is built only to receive loaded
+    weights (draws would be wasted there, and torch's meta random ops cost a second of imports on first use)."""
+    x = torch.empty(shape)
+    return x if x.is_meta else std * torch.randn(shape)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, patch_size: int, grid_size: int, output_dim: int):
         super().__init__()
         self.patch_size = patch_size
         scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid_size**2 + 1, width))
+        self.class_embedding = nn.Parameter(normal((width,), scale))
+        self.positional_embedding = nn.Parameter(normal((grid_size**2 + 1, width), scale))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.proj = nn.Parameter(normal((width, output_dim), scale))
 
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         """conv1 (kernel = stride = patch) as one matrix product over flattened patches -> tokens [B, T, W].
@@ -131,21 +138,28 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """OpenAI CLIP with a ViT image tower. Only `visual` is run; the text tower is carried for round trips."""
+    """OpenAI CLIP with a ViT image tower. Only `visual` is run; the text tower is carried for round trips.
+
+    `text_tower=False` leaves the text tower out (its state dict then holds only `visual.*`): for scoring.
+    """
 
     def __init__(self, embed_dim: int, vision_width: int, vision_layers: int, vision_patch_size: int,
                  grid_size: int, context_length: int, vocab_size: int, transformer_width: int,
-                 transformer_layers: int, vision_heads: int | None = None, transformer_heads: int | None = None):
+                 transformer_layers: int, vision_heads: int | None = None, transformer_heads: int | None = None,
+                 text_tower: bool = True):
         super().__init__()
         self.visual = VisionTransformer(vision_width, vision_layers, vision_heads or max(1, vision_width // 64),
                                         vision_patch_size, grid_size, embed_dim)
+        self.text_tower = text_tower
+        if not text_tower:
+            return
         self.transformer = Transformer(transformer_width, transformer_layers,
                                        transformer_heads or max(1, transformer_width // 64), causal=True)
-        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
-        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width).normal_(std=0.01))
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width,
+                                            _weight=normal((vocab_size, transformer_width), 1.0))
+        self.positional_embedding = nn.Parameter(normal((context_length, transformer_width), 0.01))
         self.ln_final = LayerNorm(transformer_width)
-        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim).normal_(
-            std=transformer_width**-0.5))
+        self.text_projection = nn.Parameter(normal((transformer_width, embed_dim), transformer_width**-0.5))
         self.logit_scale = nn.Parameter(torch.tensor(4.6052))
 
     @staticmethod

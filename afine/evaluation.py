@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from . import distributed, interrupts
 from .checkpoint import weight_files
+from .download import released_path
 from .errors import AfineError, unwrap_worker_error
 from .image import image_size, load_image
 from .model import AFINE, HEADS
@@ -345,7 +346,9 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     if not Path(args.data_root).is_dir():
         raise AfineError(f"{args.data_root}: data folder not found (--data-root points elsewhere)")
     if not Path(args.weights).exists():
-        raise AfineError(f"{args.weights}: A-FINE weights not found (--weights points elsewhere)")
+        released = released_path()
+        hint = f"; the released afine.pth that `afine score` uses is {released}" if released.is_file() else ""
+        raise AfineError(f"{args.weights}: A-FINE weights not found (--weights points elsewhere{hint})")
 
 
 def model_files(args: argparse.Namespace) -> list[Path]:

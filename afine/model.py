@@ -83,16 +83,21 @@ class AFINE(nn.Module):
 
     def parts(self) -> dict[str, nn.Module]:
         """The six parts of a merged `afine.pth`, by their released names."""
+        if not self.clip.text_tower:
+            raise AfineError("this model was loaded for scoring, without CLIP's text tower; load it with "
+                             "load_afine(..., text_tower=True) to save or train it")
         return {part: self.clip if part == "finetuned_clip" else getattr(self, part) for part in PART_FILES}
 
 
 def load_afine(clip: str | Path | None, weights: str | Path | None, require: tuple[str, ...] = HEADS,
-               default_clip: str | Path | None = None) -> AFINE:
+               default_clip: str | Path | None = None, text_tower: bool = False) -> AFINE:
     """An A-FINE model from a CLIP checkpoint and A-FINE weights (merged `afine.pth` or a folder of files).
 
     The fine-tuned CLIP inside the weights, when present, replaces the CLIP checkpoint's weights.
     `require` names the parts the caller needs; a missing one is an AfineError naming the weights path.
     `default_clip` is read when no `clip` is given and the weights hold no fine-tuned CLIP.
+    The model is for scoring: CLIP's text tower is checked but not loaded (A-FINE never runs it), and a float32
+    image tower is used from the memory-mapped file. `text_tower=True` loads the whole CLIP, to train or save it.
     """
     parts, sources = read_afine_parts(weights) if weights is not None else ({}, {})
     missing = [p for p in require if p not in parts]
@@ -110,7 +115,7 @@ def load_afine(clip: str | Path | None, weights: str | Path | None, require: tup
         clip_state, clip_source = read_clip_file(clip), str(clip)
     else:
         raise AfineError(f"{weights}: holds no fine-tuned CLIP; give the CLIP checkpoint (--clip)")
-    model = AFINE(build_clip(clip_state, clip_source))
+    model = AFINE(build_clip(clip_state, clip_source, text_tower))
     model.load_parts(parts, sources)
     return model.eval()
 

@@ -1,8 +1,8 @@
-"""`python -m afine score`: A-FINE scores for (dis, ref) image pairs, batched, from the shell.
+"""`afine score` (or `python -m afine score`): A-FINE scores for (dis, ref) image pairs, batched, from the shell.
 
-    python -m afine score --clip ViT-B-32.pt --weights afine.pth dis.png ref.png
-    python -m afine score --clip ViT-B-32.pt --weights afine.pth --pairs pairs.txt --json > scores.jsonl
-    python -m afine score --clip ViT-B-32.pt --weights afine.pth results/ references/ --csv scores.csv
+    afine score dis.png ref.png                       # the released weights, downloaded on first use
+    afine score --pairs pairs.txt --json > scores.jsonl
+    afine score --weights runs/s3 results/ references/ --csv scores.csv
 
 Folders are paired by file name (afine/folders.py). File names that are not UTF-8 are shown escaped in the table,
 CSV and JSON (afine.errors.printable). An output file that is one of the inputs is refused before any work.
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .atomic import check_writable, write_text
 from .checkpoint import weight_files
+from .download import released_path, released_weights
 from .errors import AfineError, printable
 from .folders import image_pairs
 from .image import image_size, load_image
@@ -154,8 +155,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with folders: skip images without a partner (listed in a warning) instead of failing")
     parser.add_argument("--csv", metavar="FILE", help="also write the scores to this CSV file")
     parser.add_argument("--pairs", help="file of 'dis,ref' lines (paths relative to the file's folder)")
-    parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file)")
-    parser.add_argument("--weights", required=True, help="A-FINE weights: afine.pth or a folder of net_*.pth files")
+    parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file), for weights "
+                        "without a fine-tuned CLIP")
+    parser.add_argument("--weights", help="A-FINE weights: afine.pth or a folder of net_*.pth files (default: the "
+                        "released afine.pth, downloaded on first use to $AFINE_WEIGHTS or the torch hub cache)")
+    parser.add_argument("--offline", action="store_true",
+                        help="never download the released weights (also AFINE_OFFLINE=1 or HF_HUB_OFFLINE=1)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8)")
     parser.add_argument("--json", action="store_true", help="one JSON object per pair per line")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -176,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         raise AfineError("give DIS REF (images, or folders paired by name) or --pairs FILE")
     if args.csv:  # before the work, not after it; never over an image, the pairs file or the weights
         inputs = [p for pair in pairs for p in pair] + [Path(f) for f in (args.pairs, args.clip) if f]
-        check_writable(args.csv, inputs + weight_files(args.weights))
+        check_writable(args.csv, inputs + weight_files(args.weights if args.weights is not None else released_path()))
     if args.batch_size < 1:
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
@@ -184,8 +189,9 @@ def run(args: argparse.Namespace) -> int:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise AfineError(f"--device {args.device}: not usable ({str(e).splitlines()[0]})") from None
-    check_pairs(pairs)  # fail on a bad image before loading a large model
-    model = load_afine(args.clip, args.weights).to(device)
+    check_pairs(pairs)  # fail on a bad image before loading (or downloading) a large model
+    weights = args.weights if args.weights is not None else released_weights(args.offline, not args.no_progress)
+    model = load_afine(args.clip, weights).to(device)
     results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress)
     check_finite(pairs, results)
     if args.json:

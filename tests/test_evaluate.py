@@ -329,6 +329,12 @@ def test_defaults_are_the_training_paths_and_both_spellings_work(tmp_path, monke
     (tmp_path / "data").mkdir()
     assert main(["--bench", "all"]) == 2
     assert "data/afine.pth: A-FINE weights not found (--weights points elsewhere)" in capsys.readouterr().err
+    released = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / "afine.pth"  # where `afine score` keeps it
+    released.parent.mkdir(parents=True)
+    released.touch()
+    assert main(["--bench", "all"]) == 2
+    assert (f"data/afine.pth: A-FINE weights not found (--weights points elsewhere; the released afine.pth that "
+            f"`afine score` uses is {released})") in capsys.readouterr().err
     for spelling in ("--data_root", "--data-root", "--data_root=elsewhere"):
         assert main(["--bench", "all", *([spelling, "elsewhere"] if "=" not in spelling else [spelling])]) == 2
         assert "elsewhere: data folder not found" in capsys.readouterr().err

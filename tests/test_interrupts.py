@@ -24,6 +24,13 @@ def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_code_130(command, mo
     assert (code, err) == (130, "interrupted\n")
 
 
+def test_ctrl_c_while_the_installed_afine_command_starts_is_one_line_and_exit_code_130(tmp_path):
+    script = tmp_path / "afine"  # what pip writes for the [project.scripts] entry
+    script.write_text("import sys\nfrom afine.__main__ import entry\nsys.exit(entry())\n")
+    code, err = ctrl_c_at_import([str(script), "score"], "torch", tmp_path)
+    assert (code, err) == (130, "interrupted\n")
+
+
 def test_importing_afine_and_the_commands_keeps_the_programs_own_ctrl_c():
     code = """
 import signal

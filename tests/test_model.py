@@ -195,7 +195,7 @@ def test_folder_of_files_equals_merged(checkpoints):
 
 def test_afine_pth_round_trip(checkpoints, tmp_path):
     parts, _ = read_afine_parts(checkpoints["afine"])
-    model = load_afine(None, checkpoints["afine"])
+    model = load_afine(None, checkpoints["afine"], text_tower=True)
     save_afine(tmp_path / "again.pth", model.parts())
     raw_a = torch.load(checkpoints["afine"], weights_only=True)
     raw_b = torch.load(tmp_path / "again.pth", weights_only=True)

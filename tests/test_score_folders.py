@@ -213,6 +213,23 @@ def test_csv_over_an_input_is_refused_before_any_work(weights, folders, capsys, 
     assert unchanged(list(before)) == before
 
 
+def test_csv_over_the_released_weights_is_refused_when_no_weights_are_given(weights, folders, capsys, tmp_path,
+                                                                              monkeypatch):
+    from afine import score as score_module
+
+    dis, ref = folders
+    released = tmp_path / "cache" / "afine.pth"
+    released.parent.mkdir()
+    released.write_bytes(weights.read_bytes())
+    monkeypatch.setenv("AFINE_WEIGHTS", str(released))  # where the downloaded weights are kept
+    monkeypatch.setattr(score_module, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+    code = main(["score", "--no-progress", str(dis), str(ref), "--csv", str(released)])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "") and err == f"error: {released}: cannot write, this command reads that file; " \
+        "choose another output\n"
+    assert released.read_bytes() == weights.read_bytes()
+
+
 def test_unwritable_csv_is_refused_before_scoring_naming_the_file_in_the_way(weights, folders, capsys, tmp_path,
                                                                                monkeypatch):
     from afine import score as score_module

@@ -231,7 +231,8 @@ def test_run_folders_load_in_our_tools(synth, stage1_run, stage2_run, tmp_path):
     expected = weights(trained)
     s1 = load_afine(None, stage1_run, require=("natural",))
     s2 = load_afine(None, stage2_run, require=("natural", "fidelity"))
-    for loaded in (load_afine(None, tmp_path / "s3"), load_afine(None, tmp_path / "s3" / "afine.pth")):
+    for loaded in (load_afine(None, tmp_path / "s3", text_tower=True),
+                   load_afine(None, tmp_path / "s3" / "afine.pth", text_tower=True)):
         got = loaded.state_dict()
         assert all(torch.equal(got[k], v) for k, v in expected.items())
     for part in ("clip", "natural"):
