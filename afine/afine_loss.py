@@ -25,7 +25,7 @@ LOSS_TERMS = {"afine_all": HEADS, "afine_all_scale": HEADS, "afine_fr": ("fideli
               "afine_nr": ("natural", "natural_scale")}
 REDUCTIONS = ("mean", "sum", "none")
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Pixel values outside this range are another convention ([0, 255], [-1, 1]), not a network's overshoot of [0, 1].
+# Reference pixel values beyond these are another convention ([0, 255], [-1, 1]), not [0, 1] images.
 PLAUSIBLE = (-0.5, 1.5)
 
 
@@ -81,23 +81,22 @@ class AFINELoss(nn.Module):
         if needs_reference:
             check_pair(output, reference)
         model = self.afine
-        x, features = self.encode(output)
-        if needs_reference:
+        if needs_reference:  # first, while little else is held
             with torch.no_grad():
                 y, y_features = self.encode(reference)
-            # the gradient of S1, S2 from their well-conditioned twin: the values stay the published ones
+                n_ref = model.natural(y, y_features) if self.term != "afine_fr" else None
+        x, features = self.encode(output)
+        if self.term == "afine_nr":
+            value = model.natural_scale(model.natural(x, features))
+        else:
+            # S1, S2 take their gradient from a well-conditioned twin; their values are the published ones
             f = model.fidelity.from_similarities(*model.fidelity.similarities(x, features, y, y_features,
                                                                               stable_gradient=True))
-        if self.term == "afine_fr":
-            value = model.fidelity_scale(f)
-        else:
-            n = model.natural(x, features)
-            if self.term == "afine_nr":
-                value = model.natural_scale(n)
+            del y, y_features  # not needed any more: free them before the naturalness head runs
+            if self.term == "afine_fr":
+                value = model.fidelity_scale(f)
             else:
-                with torch.no_grad():
-                    n_ref = model.natural(y, y_features)
-                value = model.terms(n, n_ref, f)[self.term]
+                value = model.terms(model.natural(x, features), n_ref, f)[self.term]
         if self.reduction == "none":
             return value
         return value.mean() if self.reduction == "mean" else value.sum()
@@ -108,7 +107,7 @@ class AFINELoss(nn.Module):
 
 
 def check_images(name: str, images: torch.Tensor) -> None:
-    """A ValueError naming the input unless it is a float RGB batch [B, 3, H, W], H, W >= 32, values about [0, 1]."""
+    """A ValueError naming the input unless it is a float RGB batch [B, 3, H, W] with H, W >= 32."""
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor [B, 3, H, W], got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
@@ -117,13 +116,14 @@ def check_images(name: str, images: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected floating-point RGB in [0, 1], got {images.dtype}")
     if min(images.shape[-2:]) < MIN_SIDE:
         raise ValueError(f"{name}: images must be at least {MIN_SIDE}x{MIN_SIDE} px, got shape {tuple(images.shape)}")
-    low, high = torch.stack([images.detach().min(), images.detach().max()]).tolist()  # one device sync
-    if low < PLAUSIBLE[0] or high > PLAUSIBLE[1]:
-        raise ValueError(f"{name}: expected RGB in [0, 1], got values in [{low:.4g}, {high:.4g}] "
-                         "(a [0, 255] or [-1, 1] image?)")
 
 
 def check_pair(output: torch.Tensor, reference: torch.Tensor | None) -> None:
+    """A ValueError unless `reference` is an image batch of the output's size, of 1 or the output's batch, in [0, 1].
+
+    The reference is data, so values far outside [0, 1] are another convention ([0, 255], [-1, 1]); the output
+    is not checked: a network in training overshoots [0, 1] by any amount, and is scored as it is.
+    """
     if reference is None:
         raise ValueError("this term needs a reference image: criterion(output, reference)")
     check_images("reference", reference)
@@ -132,6 +132,10 @@ def check_pair(output: torch.Tensor, reference: torch.Tensor | None) -> None:
     if reference.shape[0] not in (1, output.shape[0]):
         raise ValueError(f"reference batch must be 1 or {output.shape[0]} (the output's), got shape "
                          f"{tuple(reference.shape)}")
+    low, high = torch.stack([reference.detach().min(), reference.detach().max()]).tolist()  # one device sync
+    if low < PLAUSIBLE[0] or high > PLAUSIBLE[1]:
+        raise ValueError(f"reference: expected RGB in [0, 1], got values in [{low:.4g}, {high:.4g}] "
+                         "(a [0, 255] or [-1, 1] image?)")
 
 
 def drop_frozen_weights(module: AFINELoss, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -16,6 +16,8 @@ Self-contained (imports only torch): copy this file alone into another project.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,15 +39,17 @@ def similarity(x: torch.Tensor, y: torch.Tensor, stable_gradient: bool = False) 
     """
     vx, mx = torch.var_mean(x, dim=-2, correction=0)
     vy, my = torch.var_mean(y, dim=-2, correction=0)
-    cov = (x * y).mean(dim=-2) - mx * my
-    s1 = (2 * mx * my + C) / (mx.square() + my.square() + C)
-    s2 = (2 * cov + C) / (vx + vy + C)
+    with torch.no_grad() if stable_gradient else contextlib.nullcontext():  # the values: the published formulas
+        cov = (x * y).mean(dim=-2) - mx * my
+        s1 = (2 * mx * my + C) / (mx.square() + my.square() + C)
+        s2 = (2 * cov + C) / (vx + vy + C)
     if not stable_gradient:
         return s1, s2
-    centred_cov = ((x - mx.unsqueeze(-2)) * (y - my.unsqueeze(-2))).mean(dim=-2)
+    y_centred = y - my.unsqueeze(-2)  # mean(x y_c) - mx mean(y_c) is the covariance without the cancellation,
+    centred_cov = (x * y_centred).mean(dim=-2) - mx * y_centred.mean(dim=-2)  # holding one centred copy
     t1 = (2 * mx * my + GRAD_C) / (mx.square() + my.square() + GRAD_C)
     t2 = (2 * centred_cov + GRAD_C) / (vx + vy + GRAD_C)
-    return s1.detach() + (t1 - t1.detach()), s2.detach() + (t2 - t2.detach())  # t - t.detach() is exactly 0
+    return s1 + (t1 - t1.detach()), s2 + (t2 - t2.detach())  # t - t.detach() is exactly 0
 
 
 def pixel_tokens(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -77,7 +81,11 @@ class FidelityHead(nn.Module):
         them once (README, "Cached statistics"). `stable_gradient`: see similarity()."""
         s1_pix, s2_pix = similarity(pixel_tokens(x, self.mean, self.std), pixel_tokens(y, self.mean, self.std),
                                     stable_gradient)
-        s1, s2 = similarity(x_features.relu(), y_features.relu(), stable_gradient)  # [B, L, W]
+        if stable_gradient:  # level by level: a training step holds one level's temporaries at a time, not twelve
+            levels = [similarity(x.relu(), y.relu(), True) for x, y in zip(x_features.unbind(1), y_features.unbind(1))]
+            s1, s2 = (torch.stack(s, dim=1) for s in zip(*levels))
+        else:
+            s1, s2 = similarity(x_features.relu(), y_features.relu())  # [B, L, W]
         return torch.cat([s1_pix, s1.flatten(1)], dim=1), torch.cat([s2_pix, s2.flatten(1)], dim=1)
 
     def from_similarities(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from afine import AFINELoss, fidelity
 from afine.errors import AfineError
-from afine.fidelity import similarity
+from afine.fidelity import FidelityHead, similarity
 from tests.test_model import pair
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
@@ -99,6 +99,18 @@ def test_gradient_twin_keeps_values_and_changes_only_near_constant_channels():
     bound = 2 / (tokens * fidelity.GRAD_C) ** 0.5  # |dS/dx| <= 2 / sqrt(T (vx + vy + c)) for |S| <= 1
     assert stable[:, 2:].abs().max() <= 2 * bound
     assert torch.isfinite(stable).all()
+
+
+@pytest.mark.parametrize("ref_batch", [2, 1])
+def test_level_by_level_similarities_are_the_published_values(ref_batch):
+    """The loss path computes S1, S2 one CLIP level at a time (less memory): the same numbers, bit for bit."""
+    head = FidelityHead(width=8, layers=3)
+    g = torch.Generator().manual_seed(17)
+    x, fx = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 4, 8, generator=g).requires_grad_(True)
+    y, fy = torch.randn(ref_batch, 3, 32, 32, generator=g), torch.randn(ref_batch, 3, 4, 8, generator=g)
+    twins = head.similarities(x, fx, y, fy, stable_gradient=True)
+    for published, twin in zip(head.similarities(x, fx, y, fy), twins):
+        assert published.shape == (2, 3 + 3 * 8) and torch.equal(published, twin)
 
 
 @pytest.mark.parametrize("flat", [0.37, 0.5, 1.0])
@@ -276,7 +288,7 @@ def test_built_from_weights_files(model, tmp_path):
     (torch.rand(1, 3, 64, 64), torch.rand(1, 1, 64, 64), r"reference: .*got shape \(1, 1, 64, 64\)"),
     (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 96), r"sizes differ: \(1, 3, 64, 64\) vs \(1, 3, 64, 96\)"),
     (torch.rand(2, 3, 64, 64), torch.rand(3, 3, 64, 64), r"reference batch must be 1 or 2"),
-    (torch.rand(1, 3, 64, 64) * 255, torch.rand(1, 3, 64, 64), r"output: expected RGB in \[0, 1\], got values in"),
+    (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64) * 255, r"reference: expected RGB in \[0, 1\], got values in"),
     (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64) * 2 - 1, r"reference: expected RGB in \[0, 1\]"),
     (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.rand(1, 3, 64, 64), r"output: expected floating-point"),
     (torch.rand(1, 3, 64, 64), None, r"needs a reference"),
@@ -284,6 +296,16 @@ def test_built_from_weights_files(model, tmp_path):
 def test_bad_inputs_are_value_errors_naming_the_shape(model, output, reference, message):
     with pytest.raises(ValueError, match=message):
         AFINELoss(model)(output, reference)
+
+
+def test_output_outside_0_1_is_scored_as_it_is(model):
+    """A network in training overshoots [0, 1]: no error, no clamp (the gradient keeps flowing there)."""
+    dis, ref = pair(64, 64, seed=16)
+    overshoot = dis * 1.6 - 0.3
+    values, grad = grad_of(AFINELoss(model, reduction="none"), overshoot, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(values, model(overshoot, ref)["afine_all"], rtol=1e-5, atol=1e-5)
+    assert grad[overshoot > 1].abs().sum() > 0
 
 
 def test_bad_settings(model):
