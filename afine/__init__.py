@@ -4,12 +4,12 @@ import importlib
 
 from .errors import AfineError
 
-__all__ = ["AFINE", "AfineError", "TERMS", "load_afine", "load_image"]
-_FROM = {"AFINE": "model", "TERMS": "model", "load_afine": "model", "load_image": "image"}
+__all__ = ["AFINE", "AFINELoss", "AfineError", "TERMS", "load_afine", "load_image"]
+_FROM = {"AFINE": "model", "AFINELoss": "afine_loss", "TERMS": "model", "load_afine": "model", "load_image": "image"}
 
 
 def __getattr__(name: str):
-    """The model and the image loader, imported on first use: `import afine` alone does not load torch, so a
+    """The model, the loss and the image loader, imported on first use: `import afine` alone does not load torch, so a
     command (`python -m afine ...`) handles a Ctrl-C that arrives while torch loads (afine/interrupts.py)."""
     if name not in _FROM:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,12 +19,12 @@ ARCHIVE_SCALARS = ("input_resolution", "context_length", "vocab_size")
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype (eps 1e-5)."""
+    """LayerNorm computed in float32 for lower-precision inputs, in float64 for float64 ones (eps 1e-5)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
-            x.dtype
-        )
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype),
+                            self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -81,8 +81,8 @@ def resize_positional_embedding(table: torch.Tensor, tokens: int) -> torch.Tenso
     """
     if table.shape[0] == tokens:
         return table
-    resized = F.interpolate(table[None, None].float(), size=(tokens, table.shape[1]), mode="bicubic",
-                            align_corners=False)
+    wide = table[None, None].to(torch.promote_types(table.dtype, torch.float32))  # float32 at least
+    resized = F.interpolate(wide, size=(tokens, table.shape[1]), mode="bicubic", align_corners=False)
     return resized[0, 0].to(table.dtype)
 
 

@@ -8,12 +8,15 @@ weights a = softplus(alpha), b = softplus(beta), jointly normalised to sum 1:
     F_raw = 1 - sum over levels and channels of (a S1 + b S2)
 
 (population variances; cov = mean(x y) - mx my). Lower is better; about 0 when x == y. See the README,
-"What A-FINE computes".
+"What A-FINE computes". `stable_gradient=True` keeps these values and takes the gradient from a well-conditioned
+twin of the formulas (README, "A-FINE as a training loss").
 
 Self-contained (imports only torch): copy this file alone into another project.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +26,30 @@ from torch import nn
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 C = 1e-10  # keeps S1 and S2 finite for constant channels
+GRAD_C = 1e-6  # c of the gradient twin (stable_gradient): DISTS's constant, of a size no real image structure has
 
 
-def similarity(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [..., T, C] of test and reference (broadcastable) -> S1, S2 per channel [..., C]."""
+def similarity(x: torch.Tensor, y: torch.Tensor, stable_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [..., T, C] of test and reference (broadcastable) -> S1, S2 per channel [..., C].
+
+    `stable_gradient`: the same values, bit for bit, but the gradient of a twin with the covariance centred before
+    the product and GRAD_C for c. Near-constant channels (flat images; ReLU'd channels that are almost all zero)
+    otherwise give gradients of 1/sqrt(c) scale, thousands of times those of other channels: there mean(x y) -
+    mx my is rounding noise, and c = 1e-10 divides it (README, "A-FINE as a training loss").
+    """
     vx, mx = torch.var_mean(x, dim=-2, correction=0)
     vy, my = torch.var_mean(y, dim=-2, correction=0)
-    cov = (x * y).mean(dim=-2) - mx * my
-    s1 = (2 * mx * my + C) / (mx.square() + my.square() + C)
-    s2 = (2 * cov + C) / (vx + vy + C)
-    return s1, s2
+    with torch.no_grad() if stable_gradient else contextlib.nullcontext():  # the values: the published formulas
+        cov = (x * y).mean(dim=-2) - mx * my
+        s1 = (2 * mx * my + C) / (mx.square() + my.square() + C)
+        s2 = (2 * cov + C) / (vx + vy + C)
+    if not stable_gradient:
+        return s1, s2
+    y_centred = y - my.unsqueeze(-2)  # mean(x y_c) - mx mean(y_c) is the covariance without the cancellation,
+    centred_cov = (x * y_centred).mean(dim=-2) - mx * y_centred.mean(dim=-2)  # holding one centred copy
+    t1 = (2 * mx * my + GRAD_C) / (mx.square() + my.square() + GRAD_C)
+    t2 = (2 * centred_cov + GRAD_C) / (vx + vy + GRAD_C)
+    return s1 + (t1 - t1.detach()), s2 + (t2 - t2.detach())  # t - t.detach() is exactly 0
 
 
 def pixel_tokens(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -57,13 +74,18 @@ class FidelityHead(nn.Module):
         total = a.sum() + b.sum() + C
         return a / total, b / total
 
-    def similarities(self, x: torch.Tensor, x_features: torch.Tensor, y: torch.Tensor,
-                     y_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def similarities(self, x: torch.Tensor, x_features: torch.Tensor, y: torch.Tensor, y_features: torch.Tensor,
+                     stable_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """S1, S2 [B, sum(chns)] of every level and channel (pixels first, then the blocks): all that F takes
         from the images. They do not depend on the head's weights, so training on a frozen CLIP can compute
-        them once (README, "Cached statistics")."""
-        s1_pix, s2_pix = similarity(pixel_tokens(x, self.mean, self.std), pixel_tokens(y, self.mean, self.std))
-        s1, s2 = similarity(x_features.relu(), y_features.relu())  # [B, L, W]
+        them once (README, "Cached statistics"). `stable_gradient`: see similarity()."""
+        s1_pix, s2_pix = similarity(pixel_tokens(x, self.mean, self.std), pixel_tokens(y, self.mean, self.std),
+                                    stable_gradient)
+        if stable_gradient:  # level by level: a training step holds one level's temporaries at a time, not twelve
+            levels = [similarity(x.relu(), y.relu(), True) for x, y in zip(x_features.unbind(1), y_features.unbind(1))]
+            s1, s2 = (torch.stack(s, dim=1) for s in zip(*levels))
+        else:
+            s1, s2 = similarity(x_features.relu(), y_features.relu())  # [B, L, W]
         return torch.cat([s1_pix, s1.flatten(1)], dim=1), torch.cat([s2_pix, s2.flatten(1)], dim=1)
 
     def from_similarities(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:

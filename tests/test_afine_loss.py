@@ -1,0 +1,316 @@
+"""AFINELoss: the scoring values, correct and finite gradients to the output only, a frozen model, state dicts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from afine import AFINELoss, fidelity
+from afine.errors import AfineError
+from afine.fidelity import FidelityHead, similarity
+from tests.test_model import pair
+from tests.tiny import random_afine, tiny_clip, write_checkpoints
+
+TERMS = ("afine_all", "afine_all_scale", "afine_fr", "afine_nr")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny random A-FINE, its NR mapping moved to where the tiny CLIP's raw N lies (about 8..20), so that
+    afine_nr is not saturated and its gradient is not zero."""
+    model = random_afine(tiny_clip(seed=0))
+    with torch.no_grad():
+        model.natural_scale.yita3.fill_(12.0)
+        model.natural_scale.yita4.fill_(4.0)
+    return model
+
+
+def grad_of(criterion: AFINELoss, output: torch.Tensor, reference: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(loss, d loss / d output) for a copy of `output`."""
+    output = output.detach().clone().requires_grad_(True)
+    loss = criterion(output, reference)
+    loss.sum().backward()
+    return loss.detach(), output.grad
+
+
+@pytest.mark.parametrize("size", [(64, 48), (32, 32)])
+def test_values_are_the_scoring_values(model, size):
+    dis, ref = pair(*size, b=2, seed=1)
+    refs = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        shared, own = model(dis, ref), model(dis, refs)
+    for term in TERMS:
+        for reference, scores in ((ref, shared), (refs, own)):
+            values = AFINELoss(model, term, reduction="none")(dis, reference)
+            assert values.shape == (2,)
+            torch.testing.assert_close(values, scores[term], rtol=1e-5, atol=1e-5)
+            for reduction, expected in (("mean", scores[term].mean()), ("sum", scores[term].sum())):
+                value = AFINELoss(model, term, reduction=reduction)(dis, reference)
+                torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(shared["afine_nr"][0], shared["afine_nr"][1])  # the NR term is not saturated
+
+
+@pytest.mark.parametrize("term", TERMS)
+def test_gradient_agrees_with_finite_differences(model, term, monkeypatch):
+    """float64, 64x48 (resized to 64x64, so the bicubic resize is differentiated too). With the gradient twin's
+    c set to the published c, the twin is the same function as the published S1, S2 (the covariance centred
+    before or after the product is the same number in exact arithmetic): its gradient is the exact one."""
+    monkeypatch.setattr(fidelity, "GRAD_C", fidelity.C)
+    model64 = copy.deepcopy(model).double()
+    criterion = AFINELoss(model64, term, reduction="sum")
+    g = torch.Generator().manual_seed(3)
+    dis, ref = (t.double() for t in pair(64, 48, b=2, seed=4))
+    _, grad = grad_of(criterion, dis, ref)
+    for _ in range(2):
+        direction = torch.randn(dis.shape, generator=g, dtype=torch.float64)
+        h = 1e-6
+        with torch.no_grad():
+            numeric = (criterion(dis + h * direction, ref) - criterion(dis - h * direction, ref)) / (2 * h)
+        analytic = (grad * direction).sum()
+        assert abs(analytic) > 1e-3
+        torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=0)
+
+
+def test_gradient_twin_keeps_values_and_changes_only_near_constant_channels():
+    """Values bit for bit; on channels of variance >> 1e-6 the gradient is the exact one; on near-constant
+    channels it is bounded instead of growing to 1/sqrt(c) scale or with rounding noise / c."""
+    g = torch.Generator().manual_seed(5)
+    tokens = 64
+    x, y = torch.randn(2, tokens, 6, generator=g, dtype=torch.float64).unbind(0)  # channels 0-1: ordinary
+    y[:, 2], x[:, 2] = -1.0, -1.0  # channel 2: off (all zero after the ReLU) in y, one token barely on in x
+    x[3, 2] = 3e-5
+    y[:, 3], x[:, 3] = 1.3, 1.3  # channels 3-5: constant in y, x = the same constant + tiny noise (rounding in cov)
+    x[:, 3] += 1e-6 * torch.randn(tokens, generator=g, dtype=torch.float64)
+    y[:, 4], x[:, 4] = 33.3, 33.3 + 1e-6 * torch.randn(tokens, generator=g, dtype=torch.float64)
+    y[:, 5], x[:, 5] = 0.37, 0.37 + 1e-5 * torch.randn(tokens, generator=g, dtype=torch.float64)
+    x, y = x.float().relu().requires_grad_(True), y.float().relu()
+    published = similarity(x, y)
+    twin = similarity(x, y, stable_gradient=True)
+    for p, t in zip(published, twin):
+        assert torch.equal(p, t)
+    exact = torch.autograd.grad(published[0].sum() + published[1].sum(), x)[0]
+    stable = torch.autograd.grad(twin[0].sum() + twin[1].sum(), x)[0]
+    ordinary = exact[:, :2].abs().max()
+    torch.testing.assert_close(stable[:, :2], exact[:, :2], rtol=0, atol=1e-5 * ordinary)  # float32 rounding
+    assert exact[:, 2:].abs().max() > 1e3 * ordinary  # what the twin is for
+    bound = 2 / (tokens * fidelity.GRAD_C) ** 0.5  # |dS/dx| <= 2 / sqrt(T (vx + vy + c)) for |S| <= 1
+    assert stable[:, 2:].abs().max() <= 2 * bound
+    assert torch.isfinite(stable).all()
+
+
+@pytest.mark.parametrize("ref_batch", [2, 1])
+def test_level_by_level_similarities_are_the_published_values(ref_batch):
+    """The loss path computes S1, S2 one CLIP level at a time (less memory): the same numbers, bit for bit."""
+    head = FidelityHead(width=8, layers=3)
+    g = torch.Generator().manual_seed(17)
+    x, fx = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 4, 8, generator=g).requires_grad_(True)
+    y, fy = torch.randn(ref_batch, 3, 32, 32, generator=g), torch.randn(ref_batch, 3, 4, 8, generator=g)
+    twins = head.similarities(x, fx, y, fy, stable_gradient=True)
+    for published, twin in zip(head.similarities(x, fx, y, fy), twins):
+        assert published.shape == (2, 3 + 3 * 8) and torch.equal(published, twin)
+
+
+@pytest.mark.parametrize("flat", [0.37, 0.5, 1.0])
+def test_near_flat_output_gets_gradients_of_the_usual_size(model, flat):
+    """A flat reference and an output off it by 1e-5: before the gradient twin, rounding noise in the covariance
+    divided by c gave gradients thousands of times those of an ordinary pair."""
+    criterion = AFINELoss(model, "afine_fr")
+    dis, ref = pair(64, 64, seed=6)
+    _, ordinary = grad_of(criterion, dis, ref)
+    ref = torch.full((1, 3, 64, 64), flat)
+    dis = ref + 1e-5 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(7))
+    _, near_flat = grad_of(criterion, dis, ref)
+    assert near_flat.abs().max() < 10 * ordinary.abs().max()
+
+
+def extreme_d_model(model, dis: torch.Tensor, ref: torch.Tensor, small: bool):
+    """A copy of `model` whose D for (dis, ref) is about -1e13 (small) or 1e5 (large): a steep NR mapping with
+    N(ref) near 2, N(dis) near -2 or a little above 0, and a large adapter k."""
+    extreme = copy.deepcopy(model)
+    with torch.no_grad():
+        n_dis, n_ref = extreme.natural(*extreme.encode(torch.cat([dis, ref])))
+        assert n_ref > n_dis
+        spread = (n_ref - n_dis) / 8
+        extreme.natural_scale.yita3.fill_((n_dis + n_ref) / 2 if small else n_dis - spread / 5)
+        extreme.natural_scale.yita4.fill_(spread)
+        extreme.adapter.k.fill_(8.0)
+        d = extreme(dis, ref)["afine_all"]
+    assert (d < -1e12) if small else (d > 1e4), d
+    return extreme
+
+
+def finite_gradient_cases(model):
+    dis, ref = pair(64, 48, seed=8)
+    flat = torch.full((1, 3, 64, 48), 0.37)
+    blurred = torch.nn.functional.avg_pool2d(ref, 9, stride=1, padding=4, count_include_pad=False)
+    cases = {
+        "flat output and reference": (model, flat, flat),
+        "flat, different levels": (model, flat, flat + 0.2),
+        "output equal to reference": (model, ref, ref),
+        "black output": (model, torch.zeros_like(ref), ref),
+        "white output": (model, torch.ones_like(ref), ref),
+        "saturated pixels": (model, (3 * dis - 1).clamp(0, 1), ref),
+        "black and white reference": (model, dis, (ref > 0.5).float()),
+    }
+    with torch.no_grad():  # whichever of the two images is less natural (higher raw N) is the reference
+        a, b = model.natural(*model.encode(torch.cat([blurred, ref])))
+    dis_d, ref_d = (blurred, ref) if a < b else (ref, blurred)
+    for small in (True, False):
+        cases[f"very {'small' if small else 'large'} D"] = (extreme_d_model(model, dis_d, ref_d, small), dis_d, ref_d)
+    return cases
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_gradients_are_finite_where_training_goes(model, amp):
+    for name, (net, dis, ref) in finite_gradient_cases(model).items():
+        for term in TERMS:
+            loss, grad = grad_of(AFINELoss(net, term, amp=amp), dis, ref)
+            assert torch.isfinite(loss), (name, term)
+            assert torch.isfinite(grad).all(), (name, term)
+
+
+def test_only_the_output_gets_gradients_and_inputs_are_unchanged(model):
+    criterion = AFINELoss(model)
+    dis, ref = pair(64, 48, b=2, seed=9)
+    dis, ref = dis.requires_grad_(True), ref.clone().requires_grad_(True)
+    before, versions = (dis.detach().clone(), ref.detach().clone()), (dis._version, ref._version)
+    criterion(dis, ref).backward()
+    assert all(not p.requires_grad and p.grad is None for p in criterion.parameters())
+    assert len(list(criterion.parameters())) == len(list(model.parameters())) > 0
+    assert dis.grad is not None and dis.grad.abs().sum() > 0
+    assert ref.grad is None  # the reference branch runs without autograd
+    assert torch.equal(dis.detach(), before[0]) and torch.equal(ref.detach(), before[1])
+    assert (dis._version, ref._version) == versions  # no in-place operation touched them
+
+
+def test_batch_of_two_equals_two_batches_of_one(model):
+    dis, _ = pair(64, 48, b=2, seed=10)
+    refs = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(11))
+    for term in TERMS:
+        values, grad = grad_of(AFINELoss(model, term, reduction="none"), dis, refs)
+        total, grad_sum = grad_of(AFINELoss(model, term, reduction="sum"), dis, refs)
+        for i in range(2):
+            alone, grad_alone = grad_of(AFINELoss(model, term, reduction="none"), dis[i:i + 1], refs[i:i + 1])
+            torch.testing.assert_close(values[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grad[i:i + 1], grad_alone, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(grad_sum[i:i + 1], grad_alone, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(total, values.sum())
+        shared, grad_shared = grad_of(AFINELoss(model, term, reduction="none"), dis, refs[:1])
+        expanded, grad_expanded = grad_of(AFINELoss(model, term, reduction="none"), dis, refs[:1].expand(2, -1, -1, -1))
+        torch.testing.assert_close(shared, expanded, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_shared, grad_expanded, rtol=1e-4, atol=1e-7)
+
+
+def test_checkpointing_gives_the_same_gradients(model):
+    dis, ref = pair(64, 48, b=2, seed=12)
+    plain = grad_of(AFINELoss(model), dis, ref)
+    recomputed = grad_of(AFINELoss(model, checkpoint_blocks=True), dis, ref)
+    torch.testing.assert_close(plain, recomputed, rtol=1e-6, atol=1e-9)
+
+
+def test_bf16_autocast_stays_close_to_float32(model):
+    dis, ref = pair(64, 64, b=2, seed=13)
+    loss32, grad32 = grad_of(AFINELoss(model, reduction="none"), dis, ref)
+    loss16, grad16 = grad_of(AFINELoss(model, reduction="none", amp="bf16"), dis, ref)
+    assert loss16.dtype == torch.float32 and grad16.dtype == torch.float32
+    torch.testing.assert_close(loss16, loss32, rtol=0, atol=0.05)
+    assert torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.95
+
+
+class Restorer(nn.Module):
+    """A user's network that keeps its loss as a submodule."""
+
+    def __init__(self, criterion: AFINELoss):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.criterion = criterion
+
+
+def test_stays_in_eval_mode_and_frozen_under_train(model):
+    net = Restorer(AFINELoss(model))
+    net.train()
+    assert net.training and net.criterion.training
+    assert not any(m.training for m in net.criterion.afine.modules())
+    assert not any(p.requires_grad for p in net.criterion.parameters())
+
+
+def test_state_dict_leaves_out_the_frozen_weights_unless_asked(model):
+    net = Restorer(AFINELoss(copy.deepcopy(model)))
+    state = net.state_dict()
+    assert set(state) == {"conv.weight", "conv.bias"}
+    fresh = Restorer(AFINELoss(copy.deepcopy(model)))
+    fresh.load_state_dict(state)  # strict
+    assert torch.equal(fresh.conv.weight, net.conv.weight)
+    assert torch.equal(fresh.criterion.afine.fidelity.alpha, model.fidelity.alpha)  # kept, not emptied
+
+    with_weights = Restorer(AFINELoss(copy.deepcopy(model), save_weights=True))
+    with torch.no_grad():
+        with_weights.criterion.afine.adapter.k.fill_(3.0)
+    state = with_weights.state_dict()
+    assert "criterion.afine.adapter.k" in state and "criterion.afine.clip.visual.conv1.weight" in state
+    assert len(state) == 2 + len(model.state_dict())
+    fresh.load_state_dict(state)  # a checkpoint holding the weights loads them
+    assert fresh.criterion.afine.adapter.k.item() == 3.0
+
+
+def test_to_moves_the_model(model):
+    criterion = AFINELoss(copy.deepcopy(model)).to(torch.float64)
+    assert all(t.dtype == torch.float64 for t in criterion.state_dict(keep_vars=True).values())
+    assert all(t.dtype == torch.float64 for t in criterion.afine.state_dict().values())
+    dis, ref = pair(32, 32, seed=14)
+    assert criterion(dis, ref).dtype == torch.float64  # float32 inputs follow the model
+
+
+def test_built_from_weights_files(model, tmp_path):
+    paths = write_checkpoints(tmp_path, model)
+    dis, ref = pair(64, 48, b=2, seed=15)
+    with torch.no_grad():
+        scores = model(dis, ref)
+    for weights in (paths["afine"], paths["folder"]):
+        torch.testing.assert_close(AFINELoss(weights, reduction="none")(dis, ref), scores["afine_all"])
+    heads_only = tmp_path / "heads"
+    heads_only.mkdir()
+    for name in ("net_qhead.pth", "net_scale_nr.pth"):
+        (heads_only / name).write_bytes((paths["folder"] / name).read_bytes())
+    nr = AFINELoss(heads_only, "afine_nr", clip=paths["clip_plain"], reduction="none")
+    torch.testing.assert_close(nr(dis), scores["afine_nr"])
+    with pytest.raises(AfineError, match="fidelity"):
+        AFINELoss(heads_only, "afine_fr", clip=paths["clip_plain"])
+
+
+@pytest.mark.parametrize("output, reference, message", [
+    (torch.rand(3, 64, 64), torch.rand(1, 3, 64, 64), r"output: expected RGB images \[B, 3, H, W\], got shape \(3, 64"),
+    (torch.rand(1, 4, 64, 64), torch.rand(1, 4, 64, 64), r"output: .*got shape \(1, 4, 64, 64\)"),
+    (torch.rand(1, 3, 64, 31), torch.rand(1, 3, 64, 31), r"output: images must be at least 32x32 px"),
+    (torch.rand(1, 3, 64, 64), torch.rand(1, 1, 64, 64), r"reference: .*got shape \(1, 1, 64, 64\)"),
+    (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 96), r"sizes differ: \(1, 3, 64, 64\) vs \(1, 3, 64, 96\)"),
+    (torch.rand(2, 3, 64, 64), torch.rand(3, 3, 64, 64), r"reference batch must be 1 or 2"),
+    (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64) * 255, r"reference: expected RGB in \[0, 1\], got values in"),
+    (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64) * 2 - 1, r"reference: expected RGB in \[0, 1\]"),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.rand(1, 3, 64, 64), r"output: expected floating-point"),
+    (torch.rand(1, 3, 64, 64), None, r"needs a reference"),
+])
+def test_bad_inputs_are_value_errors_naming_the_shape(model, output, reference, message):
+    with pytest.raises(ValueError, match=message):
+        AFINELoss(model)(output, reference)
+
+
+def test_output_outside_0_1_is_scored_as_it_is(model):
+    """A network in training overshoots [0, 1]: no error, no clamp (the gradient keeps flowing there)."""
+    dis, ref = pair(64, 64, seed=16)
+    overshoot = dis * 1.6 - 0.3
+    values, grad = grad_of(AFINELoss(model, reduction="none"), overshoot, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(values, model(overshoot, ref)["afine_all"], rtol=1e-5, atol=1e-5)
+    assert grad[overshoot > 1].abs().sum() > 0
+
+
+def test_bad_settings(model):
+    for kwargs, message in (({"term": "afine_nr_ref"}, "does not depend on the output"),
+                            ({"reduction": "avg"}, "reduction must be one of"), ({"amp": "fp8"}, "amp must be")):
+        with pytest.raises(ValueError, match=message):
+            AFINELoss(model, **kwargs)
+    assert AFINELoss(model, "afine_nr")(torch.rand(1, 3, 32, 32)).shape == ()  # no reference needed
