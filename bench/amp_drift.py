@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_stage1  # noqa: E402
 from afine.clip import CLIP  # noqa: E402
 from afine.model import AFINE  # noqa: E402
-from afine.training import autocast  # noqa: E402
 from bench.train import B32  # noqa: E402
 
 
@@ -54,9 +53,7 @@ def images(pairs: int, height: int, width: int, g: torch.Generator) -> tuple[tor
 def scores(model: AFINE, x1, x2, y, device, amp: str) -> dict:
     """CLIP in `amp`, heads in float32: block features, raw N, raw F and D of both pairs."""
     b = x1.shape[0]
-    with autocast(device, amp):
-        a, feats = model.encode(torch.cat([x1, x2, y]).to(device))
-    a, feats = a.float(), feats.float()
+    a, feats = model.encode(torch.cat([x1, x2, y]).to(device), precision=amp)
     n = model.natural(a, feats)
     f = torch.cat([model.fidelity(a[i * b:(i + 1) * b], feats[i * b:(i + 1) * b], a[2 * b:], feats[2 * b:])
                    for i in (0, 1)])
