@@ -40,13 +40,18 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
             with interrupts.handled():
                 return main(*args, **kwargs)
         except AfineError as e:
-            print(f"error: {e}", file=sys.stderr)
+            report(e)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
 
     return run
+
+
+def report(error: AfineError) -> None:
+    """The one line a command prints for a user mistake: 'error: <message>' on stderr."""
+    print(f"error: {error}", file=sys.stderr)
 
 
 def warn(message: str) -> None:

@@ -3,29 +3,39 @@
     python -m afine score --clip ViT-B-32.pt --weights afine.pth dis.png ref.png
     python -m afine score --clip ViT-B-32.pt --weights afine.pth --pairs pairs.txt --json > scores.jsonl
     python -m afine score --clip ViT-B-32.pt --weights afine.pth results/ references/ --csv scores.csv
+    torchrun --nproc_per_node=4 -m afine score --weights afine.pth results/ references/ --csv scores.csv
 
-Folders are paired by file name (afine/folders.py).
+Folders are paired by file name (afine/folders.py). Under torchrun every process scores its share of the
+batches on its own device and rank 0 prints and writes what one process would (README, "Score on many devices").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 import sys
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .atomic import write_text
-from .errors import AfineError
+from .errors import AfineError, report
+from .evaluation import close_distributed, init_distributed, pick_device, world
 from .folders import image_pairs
 from .image import image_size, load_image
-from .model import AFINE, TERMS, load_afine
+from .model import AFINE, PRECISIONS, TERMS, load_afine
+
+WORKERS = 2  # decoding threads: enough to keep up with CLIP at any batch size on a CPU (README, "Speed")
 
 
 def read_pairs(file: str | Path) -> list[tuple[Path, Path]]:
@@ -77,34 +87,73 @@ def check_pairs(pairs: list[tuple[Path, Path]]) -> list[tuple[int, int]]:
     return sizes
 
 
-def load_batch(pairs: list[tuple[Path, Path]], batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode one batch: test images, its distinct references, and each test image's reference index."""
+def load_batch(pairs: list[tuple[Path, Path]], batch: list[int],
+               pin: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode one batch: test images, its distinct references, and each test image's reference index.
+
+    `pin` puts the images in pinned memory, for an asynchronous copy to a CUDA device."""
     refs = list(dict.fromkeys(pairs[i][1] for i in batch))
     where = {ref: j for j, ref in enumerate(refs)}
     dis = torch.stack([load_image(pairs[i][0]) for i in batch])
-    return dis, torch.stack([load_image(r) for r in refs]), torch.tensor([where[pairs[i][1]] for i in batch])
+    refs = torch.stack([load_image(r) for r in refs])
+    if pin:
+        dis, refs = dis.pin_memory(), refs.pin_memory()
+    return dis, refs, torch.tensor([where[pairs[i][1]] for i in batch])
+
+
+def decoded_batches(pairs: list[tuple[Path, Path]], batches: list[list[int]], workers: int,
+                    pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The batches decoded, in order: `workers` threads decode the next batches while the model runs (0: each
+    batch is decoded when it is due). Threads rather than DataLoader processes: Pillow and torch release the GIL
+    while they work, threads hand their tensors over without a copy, and they measured faster (README, "Speed")."""
+    if workers == 0:
+        yield from (load_batch(pairs, batch, pin) for batch in batches)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        pending = deque(pool.submit(load_batch, pairs, batch, pin) for batch in batches[:workers])
+        for batch in batches[workers:]:
+            ready = pending.popleft().result()
+            pending.append(pool.submit(load_batch, pairs, batch, pin))
+            yield ready
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @torch.inference_mode()
-def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 8,
-                device: str | torch.device = "cpu", progress: bool = True) -> list[dict[str, float]]:
-    """The five terms for every pair, in input order; decoding of the next batch overlaps scoring."""
-    sizes = check_pairs(pairs)
-    batches = plan_batches(pairs, sizes, batch_size)
-    results: list[dict[str, float] | None] = [None] * len(pairs)
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(pairs), desc="scoring", unit="pair",
-                                                         disable=not progress, file=sys.stderr) as bar:
-        pending = pool.submit(load_batch, pairs, batches[0]) if batches else None
-        for n, batch in enumerate(batches):
-            dis, refs, ref_index = pending.result()
-            if n + 1 < len(batches):
-                pending = pool.submit(load_batch, pairs, batches[n + 1])
-            terms = model.score(dis.to(device), refs.to(device), ref_index)
-            values = torch.stack([terms[t] for t in TERMS], dim=1).double().cpu().tolist()
-            for i, row in zip(batch, values):
-                results[i] = dict(zip(TERMS, row))
+def score_share(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int, device: torch.device,
+                precision: str, workers: int, progress: bool, rank: int = 0, size: int = 1) -> dict[int, list[float]]:
+    """The five terms of process `rank`'s share of the pairs (batches rank, rank + size, ... of the plan), by
+    pair index; the progress bar counts pairs."""
+    batches = plan_batches(pairs, check_pairs(pairs), batch_size)[rank::size]
+    results = {}
+    with tqdm(total=sum(map(len, batches)), desc="scoring", unit="pair", disable=not progress,
+              file=sys.stderr) as bar:
+        for batch, (dis, refs, ref_index) in zip(batches, decoded_batches(pairs, batches, workers,
+                                                                          pin=device.type == "cuda")):
+            terms = model.score(dis.to(device, non_blocking=True), refs.to(device, non_blocking=True), ref_index,
+                                precision=precision)
+            results.update(zip(batch, torch.stack([terms[t] for t in TERMS], dim=1).double().cpu().tolist()))
             bar.update(len(batch))
     return results
+
+
+def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 8,
+                device: str | torch.device = "cpu", progress: bool = True, precision: str = "fp32",
+                workers: int = WORKERS) -> list[dict[str, float]]:
+    """The five terms for every pair, in input order; `workers` threads decode the next batches while CLIP runs.
+
+    Under torchrun (afine.evaluation.init_distributed) process r of R scores batches r, r + R, ... of the plan
+    and every process gets every result: the batches, and so the values, are those of one process.
+    """
+    rank, size = world()
+    d = distributed.Dist(rank=rank, world_size=size)
+    mine = distributed.agree(d, score_share, model, pairs, batch_size, torch.device(device), precision, workers,
+                             progress and rank == 0, rank, size)
+    values = {i: row for part in distributed.gather_objects(d, mine) for i, row in part.items()}
+    return [dict(zip(TERMS, values[i])) for i in range(len(pairs))]
 
 
 def check_finite(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
@@ -157,6 +206,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file)")
     parser.add_argument("--weights", required=True, help="A-FINE weights: afine.pth or a folder of net_*.pth files")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="CLIP's precision: fp32 (default, exact), bf16 or fp16 autocast (faster where the "
+                             "hardware has it; heads in float32; README, \"Precision\")")
+    parser.add_argument("--workers", type=int, default=WORKERS,
+                        help=f"threads decoding the next batches while CLIP runs (default {WORKERS}; 0: none)")
     parser.add_argument("--json", action="store_true", help="one JSON object per pair per line")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
@@ -164,6 +218,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Score and print. Under torchrun only rank 0 prints and writes; an error any rank meets is raised on every
+    rank (afine.distributed.agree): rank 0 reports it, and the others exit with the same code once it has, since
+    torchrun stops every process as soon as one exits."""
+    device = pick_device(args.device, init_distributed(args.device))
+    rank, size = world()
+    d = distributed.Dist(rank=rank, world_size=size, device=device)
+    try:
+        with silenced(rank != 0):
+            try:
+                pairs, model = distributed.agree(d, prepare, args, device)
+                results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress,
+                                      precision=args.precision, workers=args.workers)
+                check_finite(pairs, results)
+            except AfineError as e:
+                if size == 1:
+                    raise
+                if rank == 0:
+                    report(e)
+                distributed.barrier(d)
+                return 2
+        if rank == 0:
+            write_results(args, pairs, results)
+    finally:
+        close_distributed()
+    return 0
+
+
+def prepare(args: argparse.Namespace, device: torch.device) -> tuple[list[tuple[Path, Path]], AFINE]:
+    """The pairs, every image header checked, and the model on `device`."""
     if args.pairs and args.images:
         raise AfineError("give either DIS REF or --pairs FILE, not both")
     if args.pairs and args.skip_unpaired:
@@ -178,15 +261,14 @@ def run(args: argparse.Namespace) -> int:
         raise AfineError(f"{args.csv}: --csv names a folder, expected a file")
     if args.batch_size < 1:
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise AfineError(f"--device {args.device}: not usable ({str(e).splitlines()[0]})") from None
+    if args.workers < 0:
+        raise AfineError(f"--workers must be 0 or more, got {args.workers}")
     check_pairs(pairs)  # fail on a bad image before loading a large model
-    model = load_afine(args.clip, args.weights).to(device)
-    results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress)
-    check_finite(pairs, results)
+    return pairs, load_afine(args.clip, args.weights).to(device)
+
+
+def write_results(args: argparse.Namespace, pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
+    """The table (or JSON lines) on stdout, then the CSV file if asked for."""
     if args.json:
         print("\n".join(json.dumps({"dis": str(d), "ref": str(r), **res}) for (d, r), res in zip(pairs, results)))
     else:
@@ -195,4 +277,13 @@ def run(args: argparse.Namespace) -> int:
             print(mean_row(pairs, results))
     if args.csv:
         write_csv(args.csv, pairs, results)
-    return 0
+
+
+@contextlib.contextmanager
+def silenced(quiet: bool) -> Iterator[None]:
+    """stdout and stderr to the null device while `quiet` (the ranks other than 0: their warnings are rank 0's)."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
