@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -24,9 +25,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # of the CLIP forward pass; heads, mappin
 
 
 def autocast(device: torch.device | str, precision: str):
-    """Mixed precision for the CLIP forward pass: bf16 or fp16 autocast; fp32 (training's amp "off") as published."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    """Mixed precision for the CLIP forward pass: bf16 or fp16 autocast. fp32 (training's amp "off") changes
+    nothing, so float32 runs as published and a caller's own torch.autocast still applies."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 class AFINE(nn.Module):
@@ -79,16 +81,16 @@ class AFINE(nn.Module):
             f = self.fidelity(x[:b], features[:b], x[ref_index], features[ref_index])
         return self.terms(n[:b], n[ref_index], f)
 
-    def forward(self, dis: torch.Tensor, ref: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, dis: torch.Tensor, ref: torch.Tensor, precision: str = "fp32") -> dict[str, torch.Tensor]:
         """dis [B, 3, H, W] and ref [B or 1, 3, H, W] in [0, 1] -> the five terms, each [B].
 
-        A reference batch of 1 is paired with every test image and encoded once.
+        A reference batch of 1 is paired with every test image and encoded once; CLIP runs in `precision`.
         """
         if ref.shape[0] not in (1, dis.shape[0]):
             raise ValueError(f"ref batch must be 1 or {dis.shape[0]}, got {ref.shape[0]}")
         ref_index = torch.arange(dis.shape[0]) if ref.shape[0] == dis.shape[0] else torch.zeros(dis.shape[0],
                                                                                                 dtype=torch.long)
-        return self.score(dis, ref, ref_index)
+        return self.score(dis, ref, ref_index, precision)
 
     def load_parts(self, parts: dict[str, dict[str, torch.Tensor]], sources: dict[str, str]) -> None:
         """Load the given released parts strictly (`finetuned_clip` into `clip`)."""

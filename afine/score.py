@@ -35,8 +35,6 @@ from .folders import image_pairs
 from .image import image_size, load_image
 from .model import AFINE, PRECISIONS, TERMS, load_afine
 
-WORKERS = 2  # decoding threads: enough to keep up with CLIP at any batch size on a CPU (README, "Speed")
-
 
 def read_pairs(file: str | Path) -> list[tuple[Path, Path]]:
     """Lines `dis,ref` (blank lines and `#` comments skipped); relative paths are relative to the file's folder."""
@@ -101,11 +99,20 @@ def load_batch(pairs: list[tuple[Path, Path]], batch: list[int],
     return dis, refs, torch.tensor([where[pairs[i][1]] for i in batch])
 
 
+def default_workers(device: torch.device) -> int:
+    """Decoding threads: 2 on a CPU, where CLIP takes 30-90 times as long as decoding (README, "Speed"); with CUDA,
+    which runs CLIP faster than a few cores decode, up to 8, sharing the cores with the node's other processes."""
+    if device.type != "cuda":
+        return 2
+    return max(2, min(8, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def decoded_batches(pairs: list[tuple[Path, Path]], batches: list[list[int]], workers: int,
                     pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The batches decoded, in order: `workers` threads decode the next batches while the model runs (0: each
-    batch is decoded when it is due). Threads rather than DataLoader processes: Pillow and torch release the GIL
-    while they work, threads hand their tensors over without a copy, and they measured faster (README, "Speed")."""
+    """The batches decoded, in order: `workers` threads decode the next batches while the model runs, one batch
+    each (0: each batch is decoded when it is due). Threads rather than DataLoader processes: Pillow and torch
+    release the GIL while they work, threads hand their tensors over without a copy and start at once, and they
+    measured faster (README, "Speed")."""
     if workers == 0:
         yield from (load_batch(pairs, batch, pin) for batch in batches)
         return
@@ -142,7 +149,7 @@ def score_share(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int, d
 
 def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 8,
                 device: str | torch.device = "cpu", progress: bool = True, precision: str = "fp32",
-                workers: int = WORKERS) -> list[dict[str, float]]:
+                workers: int = 2) -> list[dict[str, float]]:
     """The five terms for every pair, in input order; `workers` threads decode the next batches while CLIP runs.
 
     Under torchrun (afine.evaluation.init_distributed) process r of R scores batches r, r + R, ... of the plan
@@ -209,8 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="CLIP's precision: fp32 (default, exact), bf16 or fp16 autocast (faster where the "
                              "hardware has it; heads in float32; README, \"Precision\")")
-    parser.add_argument("--workers", type=int, default=WORKERS,
-                        help=f"threads decoding the next batches while CLIP runs (default {WORKERS}; 0: none)")
+    parser.add_argument("--workers", type=int,
+                        help="threads decoding the next batches while CLIP runs, one batch each (default: 2 on a CPU, "
+                             "up to 8 with CUDA; 0: none)")
     parser.add_argument("--json", action="store_true", help="one JSON object per pair per line")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
@@ -229,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 pairs, model = distributed.agree(d, prepare, args, device)
                 results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress,
-                                      precision=args.precision, workers=args.workers)
+                                      precision=args.precision,
+                                      workers=default_workers(device) if args.workers is None else args.workers)
                 check_finite(pairs, results)
             except AfineError as e:
                 if size == 1:
@@ -261,7 +270,7 @@ def prepare(args: argparse.Namespace, device: torch.device) -> tuple[list[tuple[
         raise AfineError(f"{args.csv}: --csv names a folder, expected a file")
     if args.batch_size < 1:
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise AfineError(f"--workers must be 0 or more, got {args.workers}")
     check_pairs(pairs)  # fail on a bad image before loading a large model
     return pairs, load_afine(args.clip, args.weights).to(device)

@@ -205,7 +205,8 @@ def test_low_precision_is_close_to_fp32_but_not_equal(setup, capsys, precision):
 
 
 @pytest.mark.parametrize("option, value, culprit", [
-    ("--precision", "fp64", "--precision"), ("--precision", "FP16", "--precision"), ("--workers", "-1", "--workers"),
+    ("--precision", "fp64", "choose from 'fp32', 'bf16', 'fp16'"), ("--precision", "FP16", "invalid choice: 'FP16'"),
+    ("--workers", "-1", "--workers must be 0 or more"),
 ])
 def test_bad_precision_or_workers_is_one_error_line(setup, capsys, option, value, culprit):
     paths, images = setup
@@ -234,6 +235,9 @@ def test_progress_bar_counts_pairs(setup, capsys):
     assert code == 0 and "5/5" in err and "pair/s" in err
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @pytest.mark.parametrize("precision, bound", [("bf16", 0.02), ("fp16", 0.003)])
 def test_low_precision_features(setup, precision, bound):
     """bf16 keeps 8 significant bits, fp16 11: one rounding is at most 2^-9 (0.2%) or 2^-12 (0.02%) of a value.
@@ -248,3 +252,5 @@ def test_low_precision_features(setup, precision, bound):
     assert xl.dtype == fl.dtype == torch.float32 and torch.equal(xl, x32)
     error = ((fl - f32).flatten(2).norm(dim=2) / f32.flatten(2).norm(dim=2)).max().item()
     assert 0 < error < bound
+    with torch.no_grad(), torch.autocast("cpu", dtype=DTYPES[precision]):  # a caller's own autocast still applies
+        assert torch.equal(model.encode(x)[1], fl)
