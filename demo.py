@@ -5,7 +5,8 @@
 1. generate a small synthetic IQA corpus in the official dataset layouts (afine.synth, scale "demo")
 2. train stage 1 (CLIP + naturalness head) of a tiny randomly initialised model
 3. fit the stage-3 NR-mapping start on the PIPAL-like training MOS (fit_gamma.py nr)
-4. train stage 2 (fidelity head) and stage 3 (mappings + adapter)
+4. train stage 2 (fidelity head) and stage 3 (mappings + adapter) the published way: on cached statistics of the
+   frozen CLIP (`cache: true`, README "Cached statistics")
 5. evaluate the untrained and the trained model on every synthetic benchmark (evaluate.py --bench all); with
    matplotlib, pictures: the three stages' training curves and a PNG per benchmark (README, "Curves and plots")
 """
@@ -92,7 +93,9 @@ def main() -> None:
     step("3/5 fit_gamma: the NR-mapping start for stage 3")
     run("fit_gamma.py", "nr", "--data-root", data, "--weights", out / "s1", "--out", out / "gamma.json")
 
-    step("4/5 stages 2 and 3: fidelity head, then mappings and adapter")
+    step("4/5 stages 2 and 3: fidelity head, then mappings and adapter, the published way: every distinct image\n"
+         "    goes through the frozen CLIP once per augmentation, and the steps train on those cached statistics\n"
+         "    (cache: true in configs/demo_s2.json and demo_s3.json; README, 'Cached statistics')")
     run("train_stage2.py", "--config", "configs/demo_s2.json", f"--data_root={data}", f"--out_dir={out / 's2'}",
         f"--stage1_dir={out / 's1'}", f"--seed={seed}")
     run("train_stage3.py", "--config", "configs/demo_s3.json", f"--data_root={data}", f"--out_dir={out / 's3'}",

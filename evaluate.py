@@ -5,6 +5,8 @@
     python evaluate.py --bench kadid10k,sriqa-all --data-root ROOT --weights runs/s1 --stage 1 --json s1.json
     torchrun --nproc_per_node 4 evaluate.py --bench all --data-root ROOT --weights afine.pth
 
+--precision bf16 (or fp16) runs CLIP under autocast, the heads in float32: faster where the hardware has it,
+with scores off by a little (README, "Precision"); the default fp32 is exact.
 --weights is a merged afine.pth or a run folder (a stage-2/3 run folder chains to its earlier stages through
 its config.json); --clip is needed only when the weights hold no fine-tuned CLIP. The score is the raw
 naturalness N for --stage 1, the raw fidelity F for --stage 2, and D for --stage 3 (default, released models).
@@ -57,7 +59,7 @@ from afine.evaluation import (
     world,
 )
 from afine.metrics import correlations, two_afc_accuracy
-from afine.model import load_afine
+from afine.model import PRECISIONS, load_afine
 
 SCORE_NAMES = {1: "raw naturalness N", 2: "raw fidelity F", 3: "A-FINE D"}
 
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="score: 1 raw naturalness, 2 raw fidelity, 3 D (default)")
     parser.add_argument("--json", help="write results to this JSON file")
     parser.add_argument("--plots", metavar="DIR", help="write a PNG per benchmark into this folder (needs matplotlib)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="CLIP's precision: fp32 (default, exact), bf16 or fp16 autocast (heads in float32)")
     add_model_arguments(parser)
     try:
         args = parser.parse_args(argv)
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         cache, kept = TermCache(), {}
         start = time.perf_counter()
         results = evaluate(model, benches, args.stage, cache, kept, batch_size=args.batch_size, device=device,
-                           workers=args.workers, progress=not args.no_progress)
+                           workers=args.workers, progress=not args.no_progress,
+                           precision=args.precision)
         rank, _ = world()
         if rank == 0:
             print(table(names, results, skipped))  # results on stdout first, whatever happens to the file

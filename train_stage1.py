@@ -63,9 +63,8 @@ def natural_scores(model: AFINE, batch: dict, device: torch.device, amp: str, na
                    checkpoint_blocks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw N of the batch's distinct images (CLIP in `amp`, the head in float32) and the [len(names), B] index."""
     images, index = distinct_images(batch, names)
-    with training.autocast(device, amp):
-        x, features = model.encode(images.to(device, non_blocking=True), checkpoint_blocks)
-    return model.natural(x.float(), features.float()), index.to(device)
+    x, features = model.encode(images.to(device, non_blocking=True), checkpoint_blocks, precision=amp)
+    return model.natural(x, features), index.to(device)
 
 
 def triplet_losses(model: AFINE, batch: dict, device: torch.device, amp: str,

@@ -71,9 +71,8 @@ def build_model(cfg: Stage2Config) -> AFINE:
 def fidelity_scores(model: AFINE, batch: dict, device: torch.device, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(F(x1, y), F(x2, y)): CLIP frozen (no autograd, `amp`), the head in float32."""
     images, (i1, i2, iy) = distinct_images(batch)
-    with torch.no_grad(), training.autocast(device, amp):
-        x, features = model.encode(images.to(device, non_blocking=True))
-    x, features = x.float(), features.float()
+    with torch.no_grad():
+        x, features = model.encode(images.to(device, non_blocking=True), precision=amp)
     dis, ref = torch.cat([i1, i2]).to(device), torch.cat([iy, iy]).to(device)
     return model.fidelity(x[dis], features[dis], x[ref], features[ref]).chunk(2)
 

@@ -135,9 +135,7 @@ def distortion_scores(model: AFINE, batch: dict, device: torch.device, amp: str)
     images, (i1, i2, iy) = distinct_images(batch)
     dis, ref = torch.cat([i1, i2]).to(device), torch.cat([iy, iy]).to(device)
     with torch.no_grad():
-        with training.autocast(device, amp):
-            x, features = model.encode(images.to(device, non_blocking=True))
-        x, features = x.float(), features.float()
+        x, features = model.encode(images.to(device, non_blocking=True), precision=amp)
         n = model.natural(x, features)
         f = model.fidelity(x[dis], features[dis], x[ref], features[ref])
     return model.terms(n[dis], n[ref], f)["afine_all"].chunk(2)

@@ -10,7 +10,6 @@ without autograd, and the inputs are never modified.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from .model import AFINE, HEADS, load_afine
 LOSS_TERMS = {"afine_all": HEADS, "afine_all_scale": HEADS, "afine_fr": ("fidelity", "fidelity_scale"),
               "afine_nr": ("natural", "natural_scale")}
 REDUCTIONS = ("mean", "sum", "none")
-AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP = ("off", "bf16", "fp16")  # the CLIP tower's precision, named as training's --amp
 # Reference pixel values beyond these are another convention ([0, 255], [-1, 1]), not [0, 1] images.
 PLAUSIBLE = (-0.5, 1.5)
 
@@ -68,9 +67,8 @@ class AFINELoss(nn.Module):
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """model.encode (preprocessing, CLIP) in the loss's precision; results in the heads' dtype (float32)."""
         dtype = self.afine.fidelity.alpha.dtype
-        amp = AMP[self.amp]
-        with torch.autocast(images.device.type, dtype=amp) if amp else contextlib.nullcontext():
-            x, features = self.afine.encode(images.to(dtype), self.checkpoint_blocks)
+        precision = "fp32" if self.amp == "off" else self.amp
+        x, features = self.afine.encode(images.to(dtype), self.checkpoint_blocks, precision)
         return x.to(dtype), features.to(dtype)
 
     def forward(self, output: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:

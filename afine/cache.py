@@ -55,7 +55,6 @@ from .distributed import Dist
 from .errors import AfineError, warn
 from .evaluation import loader as image_loader
 from .model import AFINE
-from .training import autocast
 
 VERSION = 2
 SIMILARITY, SCORES = "similarity", "scores"  # stage 2, stage 3
@@ -323,9 +322,7 @@ def _build(kind: str, folder: Path, name: str, data: TripletDataset, table: Pair
         ref = torch.tensor([where[table.pairs[q][1]] for q in unit], device=d.device)
         images = images.to(d.device, non_blocking=True)
         for slot in range(augmentations):
-            with autocast(d.device, amp):
-                x, features = model.encode(apply_augmentation(images, AUGMENTATIONS[slot]))
-            x, features = x.float(), features.float()
+            x, features = model.encode(apply_augmentation(images, AUGMENTATIONS[slot]), precision=amp)
             if kind == SIMILARITY:
                 _write_similarities(arrays["similarity.npy"], ids, slot, model, x, features, dis, ref, table, folder)
             else:

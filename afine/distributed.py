@@ -12,6 +12,7 @@ collective here is a no-op. Rank 0 logs and writes; out_dir must be a folder eve
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,21 @@ def gather_objects(d: Dist, obj) -> list:
     out = [None] * d.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def agree(d: Dist, work: Callable, *args):
+    """work(*args) on every rank. An AfineError on any rank is raised on every rank (the lowest such rank's) once
+    all have finished, so no rank waits in a later collective for one that stopped (one process: plain call)."""
+    if not d.active:
+        return work(*args)
+    try:
+        value, error = work(*args), None
+    except AfineError as e:
+        value, error = None, str(e)
+    errors = [e for e in gather_objects(d, error) if e is not None]
+    if errors:
+        raise AfineError(errors[0])
+    return value
 
 
 def broadcast_parameters(d: Dist, params: list[torch.Tensor]) -> None:

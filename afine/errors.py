@@ -53,7 +53,7 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
             with interrupts.handled():
                 return main(*args, **kwargs)
         except AfineError as e:
-            print(f"error: {printable(e)}", file=sys.stderr)
+            report(e)
             return 2
         except KeyboardInterrupt:
             return interrupts.stopped()
@@ -69,6 +69,11 @@ def optional_import(module: str, package: str, extra: str, what: str):
     except ImportError as e:
         raise AfineError(f"{what} needs the optional package {package}, which cannot be imported ({e}); install it "
                          f"with: pip install {package}  (or, in this repository: pip install '.[{extra}]')") from None
+
+
+def report(error: AfineError) -> None:
+    """The one line a command prints for a user mistake: 'error: <message>' on stderr."""
+    print(f"error: {printable(error)}", file=sys.stderr)
 
 
 def warn(message: str) -> None:

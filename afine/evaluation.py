@@ -199,8 +199,9 @@ def world() -> tuple[int, int]:
 @torch.inference_mode()
 def compute_terms(model: AFINE, items: list[Item], stage: int, cache: TermCache, batch_size: int = 16,
                   device: str | torch.device = "cpu", workers: int = 0, progress: bool = True,
-                  desc: str = "scoring") -> None:
-    """Fill `cache` with what `stage` needs to score `items`; each missing image goes through CLIP once.
+                  desc: str = "scoring", precision: str = "fp32") -> None:
+    """Fill `cache` with what `stage` needs to score `items`; each missing image goes through CLIP once, in
+    `precision` (the heads in float32).
 
     Under torch.distributed the work is sharded by reference group and the results gathered on every rank.
     """
@@ -218,7 +219,7 @@ def compute_terms(model: AFINE, items: list[Item], stage: int, cache: TermCache,
         for b, pixels in enumerate(loader(work.batches, workers, device)):
             paths = work.batches[b]
             here = {p: i for i, p in enumerate(paths)}
-            x, features = model.encode(pixels.to(device, non_blocking=True))
+            x, features = model.encode(pixels.to(device, non_blocking=True), precision=precision)
             if stage != 2:
                 wanted = [i for i, p in enumerate(paths) if n_wanted is None or p in n_wanted]
                 if wanted:

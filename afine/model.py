@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -20,6 +21,14 @@ from .naturalness import NaturalnessHead
 
 TERMS = ("afine_all_scale", "afine_all", "afine_fr", "afine_nr", "afine_nr_ref")
 HEADS = ("natural", "fidelity", "natural_scale", "fidelity_scale", "adapter")
+PRECISIONS = ("fp32", "bf16", "fp16")  # of the CLIP forward pass; heads, mappings and adapter always run in float32
+
+
+def autocast(device: torch.device | str, precision: str):
+    """Mixed precision for the CLIP forward pass: bf16 or fp16 autocast. fp32 (training's amp "off") changes
+    nothing, so float32 runs as published and a caller's own torch.autocast still applies."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 class AFINE(nn.Module):
@@ -35,10 +44,17 @@ class AFINE(nn.Module):
         self.fidelity_scale = FidelityMapping()
         self.adapter = Adapter()
 
-    def encode(self, images: torch.Tensor, checkpoint_blocks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images [B, 3, H, W] in [0, 1] -> (normalised, resized images; CLIP features [B, L, T, W])."""
-        x = preprocess(images)
-        return x, torch.stack(self.clip.visual(x, checkpoint_blocks), dim=1)
+    def encode(self, images: torch.Tensor, checkpoint_blocks: bool = False,
+               precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, H, W] in [0, 1] -> (normalised, resized images; CLIP features [B, L, T, W]).
+
+        `precision` bf16 or fp16 runs CLIP under autocast (README, "Precision") and returns float32 for the heads;
+        fp32 is exact and returns the model's own dtype (float64 for a .double() model).
+        """
+        with autocast(images.device, precision):
+            x = preprocess(images)
+            features = torch.stack(self.clip.visual(x, checkpoint_blocks), dim=1)
+        return (x, features) if precision == "fp32" else (x.float(), features.float())
 
     def terms(self, n_dis: torch.Tensor, n_ref: torch.Tensor, f: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw N(dis), N(ref), F(dis, ref) [B] -> the five published terms [B]."""
@@ -48,14 +64,15 @@ class AFINE(nn.Module):
         return {"afine_all_scale": final_scale(d), "afine_all": d, "afine_fr": fidelity,
                 "afine_nr": natural_dis, "afine_nr_ref": natural_ref}
 
-    def score(self, dis: torch.Tensor, refs: torch.Tensor, ref_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    def score(self, dis: torch.Tensor, refs: torch.Tensor, ref_index: torch.Tensor,
+              precision: str = "fp32") -> dict[str, torch.Tensor]:
         """dis [B, 3, H, W] paired with refs[ref_index] (refs [U, 3, H, W], each distinct reference once).
 
-        Test and reference images go through CLIP together, each reference once.
+        Test and reference images go through CLIP together (in `precision`), each reference once.
         """
         if dis.shape[1:] != refs.shape[1:]:
             raise ValueError(f"dis and ref sizes differ: {tuple(dis.shape[-2:])} vs {tuple(refs.shape[-2:])}")
-        x, features = self.encode(torch.cat([dis, refs]))
+        x, features = self.encode(torch.cat([dis, refs]), precision=precision)
         b = dis.shape[0]
         n = self.natural(x, features)
         ref_index = ref_index.to(x.device) + b
@@ -65,16 +82,16 @@ class AFINE(nn.Module):
             f = self.fidelity(x[:b], features[:b], x[ref_index], features[ref_index])
         return self.terms(n[:b], n[ref_index], f)
 
-    def forward(self, dis: torch.Tensor, ref: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, dis: torch.Tensor, ref: torch.Tensor, precision: str = "fp32") -> dict[str, torch.Tensor]:
         """dis [B, 3, H, W] and ref [B or 1, 3, H, W] in [0, 1] -> the five terms, each [B].
 
-        A reference batch of 1 is paired with every test image and encoded once.
+        A reference batch of 1 is paired with every test image and encoded once; CLIP runs in `precision`.
         """
         if ref.shape[0] not in (1, dis.shape[0]):
             raise ValueError(f"ref batch must be 1 or {dis.shape[0]}, got {ref.shape[0]}")
         ref_index = torch.arange(dis.shape[0]) if ref.shape[0] == dis.shape[0] else torch.zeros(dis.shape[0],
                                                                                                 dtype=torch.long)
-        return self.score(dis, ref, ref_index)
+        return self.score(dis, ref, ref_index, precision)
 
     def load_parts(self, parts: dict[str, dict[str, torch.Tensor]], sources: dict[str, str]) -> None:
         """Load the given released parts strictly (`finetuned_clip` into `clip`)."""

@@ -3,32 +3,41 @@
     afine score dis.png ref.png                       # the released weights, downloaded on first use
     afine score --pairs pairs.txt --json > scores.jsonl
     afine score --weights runs/s3 results/ references/ --csv scores.csv
+    torchrun --nproc_per_node=4 -m afine score results/ references/ --csv scores.csv
 
 Folders are paired by file name (afine/folders.py). File names that are not UTF-8 are shown escaped in the table,
 CSV and JSON (afine.errors.printable). An output file that is one of the inputs is refused before any work.
+Under torchrun every process scores its share of the batches on its own device and rank 0 prints and writes what
+one process would (README, "Score on many devices").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 import sys
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .atomic import check_writable, write_text
 from .checkpoint import weight_files
 from .download import released_path, released_weights
-from .errors import AfineError, printable
+from .errors import AfineError, printable, report
+from .evaluation import close_distributed, init_distributed, pick_device, world
 from .folders import image_pairs
 from .image import image_size, load_image
-from .model import AFINE, TERMS, load_afine
+from .model import AFINE, PRECISIONS, TERMS, load_afine
 
 
 def read_pairs(file: str | Path) -> list[tuple[Path, Path]]:
@@ -80,34 +89,82 @@ def check_pairs(pairs: list[tuple[Path, Path]]) -> list[tuple[int, int]]:
     return sizes
 
 
-def load_batch(pairs: list[tuple[Path, Path]], batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode one batch: test images, its distinct references, and each test image's reference index."""
+def load_batch(pairs: list[tuple[Path, Path]], batch: list[int],
+               pin: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode one batch: test images, its distinct references, and each test image's reference index.
+
+    `pin` puts the images in pinned memory, for an asynchronous copy to a CUDA device."""
     refs = list(dict.fromkeys(pairs[i][1] for i in batch))
     where = {ref: j for j, ref in enumerate(refs)}
     dis = torch.stack([load_image(pairs[i][0]) for i in batch])
-    return dis, torch.stack([load_image(r) for r in refs]), torch.tensor([where[pairs[i][1]] for i in batch])
+    refs = torch.stack([load_image(r) for r in refs])
+    if pin:
+        dis, refs = dis.pin_memory(), refs.pin_memory()
+    return dis, refs, torch.tensor([where[pairs[i][1]] for i in batch])
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding threads: 2 on a CPU, where CLIP takes 30-90 times as long as decoding (README, "Speed"); with CUDA,
+    which runs CLIP faster than a few cores decode, up to 8, sharing the cores with the node's other processes."""
+    if device.type != "cuda":
+        return 2
+    return max(2, min(8, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def decoded_batches(pairs: list[tuple[Path, Path]], batches: list[list[int]], workers: int,
+                    pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The batches decoded, in order: `workers` threads decode the next batches while the model runs, one batch
+    each (0: each batch is decoded when it is due). Threads rather than DataLoader processes: Pillow and torch
+    release the GIL while they work, threads hand their tensors over without a copy and start at once, and they
+    measured faster (README, "Speed")."""
+    if workers == 0:
+        yield from (load_batch(pairs, batch, pin) for batch in batches)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        pending = deque(pool.submit(load_batch, pairs, batch, pin) for batch in batches[:workers])
+        for batch in batches[workers:]:
+            ready = pending.popleft().result()
+            pending.append(pool.submit(load_batch, pairs, batch, pin))
+            yield ready
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @torch.inference_mode()
-def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 8,
-                device: str | torch.device = "cpu", progress: bool = True) -> list[dict[str, float]]:
-    """The five terms for every pair, in input order; decoding of the next batch overlaps scoring."""
-    sizes = check_pairs(pairs)
-    batches = plan_batches(pairs, sizes, batch_size)
-    results: list[dict[str, float] | None] = [None] * len(pairs)
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(pairs), desc="scoring", unit="pair",
-                                                         disable=not progress, file=sys.stderr) as bar:
-        pending = pool.submit(load_batch, pairs, batches[0]) if batches else None
-        for n, batch in enumerate(batches):
-            dis, refs, ref_index = pending.result()
-            if n + 1 < len(batches):
-                pending = pool.submit(load_batch, pairs, batches[n + 1])
-            terms = model.score(dis.to(device), refs.to(device), ref_index)
-            values = torch.stack([terms[t] for t in TERMS], dim=1).double().cpu().tolist()
-            for i, row in zip(batch, values):
-                results[i] = dict(zip(TERMS, row))
+def score_share(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int, device: torch.device,
+                precision: str, workers: int, progress: bool, rank: int = 0, size: int = 1) -> dict[int, list[float]]:
+    """The five terms of process `rank`'s share of the pairs (batches rank, rank + size, ... of the plan), by
+    pair index; the progress bar counts pairs."""
+    batches = plan_batches(pairs, check_pairs(pairs), batch_size)[rank::size]
+    results = {}
+    with tqdm(total=sum(map(len, batches)), desc="scoring", unit="pair", disable=not progress,
+              file=sys.stderr) as bar:
+        for batch, (dis, refs, ref_index) in zip(batches, decoded_batches(pairs, batches, workers,
+                                                                          pin=device.type == "cuda")):
+            terms = model.score(dis.to(device, non_blocking=True), refs.to(device, non_blocking=True), ref_index,
+                                precision=precision)
+            results.update(zip(batch, torch.stack([terms[t] for t in TERMS], dim=1).double().cpu().tolist()))
             bar.update(len(batch))
     return results
+
+
+def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 8,
+                device: str | torch.device = "cpu", progress: bool = True, precision: str = "fp32",
+                workers: int = 2) -> list[dict[str, float]]:
+    """The five terms for every pair, in input order; `workers` threads decode the next batches while CLIP runs.
+
+    Under torchrun (afine.evaluation.init_distributed) process r of R scores batches r, r + R, ... of the plan
+    and every process gets every result: the batches, and so the values, are those of one process.
+    """
+    rank, size = world()
+    d = distributed.Dist(rank=rank, world_size=size)
+    mine = distributed.agree(d, score_share, model, pairs, batch_size, torch.device(device), precision, workers,
+                             progress and rank == 0, rank, size)
+    values = {i: row for part in distributed.gather_objects(d, mine) for i, row in part.items()}
+    return [dict(zip(TERMS, values[i])) for i in range(len(pairs))]
 
 
 def check_finite(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
@@ -162,6 +219,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offline", action="store_true",
                         help="never download the released weights (also AFINE_OFFLINE=1 or HF_HUB_OFFLINE=1)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="CLIP's precision: fp32 (default, exact), bf16 or fp16 autocast (faster where the "
+                             "hardware has it; heads in float32; README, \"Precision\")")
+    parser.add_argument("--workers", type=int,
+                        help="threads decoding the next batches while CLIP runs, one batch each (default: 2 on a CPU, "
+                             "up to 8 with CUDA; 0: none)")
     parser.add_argument("--json", action="store_true", help="one JSON object per pair per line")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
@@ -169,6 +232,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Score and print. Under torchrun only rank 0 prints and writes; an error any rank meets is raised on every
+    rank (afine.distributed.agree): rank 0 reports it, and the others exit with the same code once it has, since
+    torchrun stops every process as soon as one exits."""
+    device = pick_device(args.device, init_distributed(args.device))
+    rank, size = world()
+    d = distributed.Dist(rank=rank, world_size=size, device=device)
+    try:
+        with silenced(rank != 0):
+            try:
+                pairs, model = distributed.agree(d, prepare, args, device)
+                results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress,
+                                      precision=args.precision,
+                                      workers=default_workers(device) if args.workers is None else args.workers)
+                check_finite(pairs, results)
+            except AfineError as e:
+                if size == 1:
+                    raise
+                if rank == 0:
+                    report(e)
+                distributed.barrier(d)
+                return 2
+        if rank == 0:
+            write_results(args, pairs, results)
+    finally:
+        close_distributed()
+    return 0
+
+
+def prepare(args: argparse.Namespace, device: torch.device) -> tuple[list[tuple[Path, Path]], AFINE]:
+    """The pairs, every image header checked, and the model on `device`."""
     if args.pairs and args.images:
         raise AfineError("give either DIS REF or --pairs FILE, not both")
     if args.pairs and args.skip_unpaired:
@@ -184,16 +277,15 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.csv, inputs + weight_files(args.weights if args.weights is not None else released_path()))
     if args.batch_size < 1:
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise AfineError(f"--device {args.device}: not usable ({str(e).splitlines()[0]})") from None
+    if args.workers is not None and args.workers < 0:
+        raise AfineError(f"--workers must be 0 or more, got {args.workers}")
     check_pairs(pairs)  # fail on a bad image before loading (or downloading) a large model
     weights = args.weights if args.weights is not None else released_weights(args.offline, not args.no_progress)
-    model = load_afine(args.clip, weights).to(device)
-    results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress)
-    check_finite(pairs, results)
+    return pairs, load_afine(args.clip, weights).to(device)
+
+
+def write_results(args: argparse.Namespace, pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
+    """The table (or JSON lines) on stdout, then the CSV file if asked for."""
     if args.json:
         print("\n".join(json.dumps({"dis": printable(d), "ref": printable(r), **res})
                         for (d, r), res in zip(pairs, results)))
@@ -203,4 +295,13 @@ def run(args: argparse.Namespace) -> int:
             print(mean_row(pairs, results))
     if args.csv:
         write_csv(args.csv, pairs, results)
-    return 0
+
+
+@contextlib.contextmanager
+def silenced(quiet: bool) -> Iterator[None]:
+    """stdout and stderr to the null device while `quiet` (the ranks other than 0: their warnings are rank 0's)."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield

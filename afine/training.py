@@ -147,12 +147,6 @@ RESUMABLE = ("total_iter", "val_every", "save_every", "keep_saves", "log_every",
 # ---------------------------------------------------------------------------------------------- model and data
 
 
-def autocast(device: torch.device, amp: str):
-    """Mixed precision for the CLIP forward pass: bf16, fp16 or off (float32, as published)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
-    return torch.autocast(device.type, dtype=dtype, enabled=amp != "off")
-
-
 def adamw(cfg, trained: dict[str, nn.Module], lrs: dict[str, float]) -> torch.optim.AdamW:
     """Freeze everything but the trained modules (train mode) and give each module an AdamW group."""
     for module in trained.values():

@@ -1,121 +1,223 @@
-"""Scoring throughput: the batched path (one shared reference per group of test images) against the
-pair-at-a-time path of the official inference script (batch 1, both images encoded for every pair).
+"""Scoring speed of `python -m afine score`: pairs per second for a folder of generated 512x384 pairs at each
+precision, batch size and number of decoding workers; decoding alone, threads against DataLoader processes;
+the time to first score; optionally the whole command on N pairs, fp32 against bf16.
 
-    python bench/score.py --pairs 32 --size 384x512 --device cpu
-    python bench/score.py --pairs 256 --size 384x512 --device cuda --batch-size 32
+    python bench/score.py                               # the grid: about 3 minutes on a quiet 2-core CPU
+    python bench/score.py --pairs 8 --batch-sizes 8 --precisions bf16 --workers 2 --decode-workers ""   # 30 s
+    python bench/score.py --end-to-end 200              # also the whole command on 200 pairs, 4 minutes more
+    OMP_WAIT_POLICY=PASSIVE python bench/score.py       # on a machine whose cores other jobs use too (below)
+    python bench/score.py --device cuda --pairs 256 --batch-sizes 1,8,32,64 --workers 0,2,4,8
 
-Uses a random full-size ViT-B/32 (or --width/--layers) built in-process: no weights needed.
-Each path runs in its own process so that its peak memory is its own.
+A random full-size ViT-B/32 A-FINE (no download), saved as a merged afine.pth with the text tower, the size of
+the released file. Test images are the synthetic corpus's scenes (afine/synth.py) with added noise, saved as
+PNG (and as JPEG for the decoding comparison), each pair with a reference of its own, as when a folder of
+results is scored against a folder of ground truths. Each grid cell scores max(--pairs, batch size) pairs with
+afine.score.score_pairs (header checks, decoding, CLIP, heads) after one warm-up batch; the model is loaded once.
+Time to first score: `python -m afine score` on one pair, from process start to its score on stdout.
+
+On a machine whose cores other jobs use too, OpenMP's threads spin while they wait for each other and CLIP can
+run ten times slower. Once a decoding thread has run torch operations, OpenMP has more threads than cores and
+spins less, so the workers-0 column looks several times slower than the others. OMP_WAIT_POLICY=PASSIVE
+avoids both effects.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from afine import synth  # noqa: E402
+from afine.checkpoint import save_afine  # noqa: E402
 from afine.clip import CLIP  # noqa: E402
-from afine.model import AFINE  # noqa: E402
+from afine.model import AFINE, load_afine  # noqa: E402
+from afine.score import decoded_batches, load_batch, plan_batches, score_pairs  # noqa: E402
+from bench.train import B32  # noqa: E402
+
+SCENES = 4  # distinct scenes (1.6 s each to make); the pairs' files are all distinct
 
 
-def build_model(width: int, layers: int, device: torch.device) -> AFINE:
-    torch.manual_seed(0)
-    clip = CLIP(embed_dim=512, vision_width=width, vision_layers=layers, vision_patch_size=32, grid_size=7,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_layers=12)
-    return AFINE(clip).to(device).eval()
+def make_pairs(folder: Path, n: int, height: int, width: int, suffix: str) -> list[tuple[Path, Path]]:
+    """n pairs dis/i.suffix, ref/i.suffix: a noisy copy of one of SCENES scenes and the scene itself."""
+    rng = np.random.default_rng(0)
+    scenes = [synth.natural_image(rng, height, width) for _ in range(min(n, SCENES))]
+    pairs = []
+    for kind in ("dis", "ref"):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        ref = synth.to_uint8(scenes[i % len(scenes)])
+        dis = synth.to_uint8(synth.noise(scenes[i % len(scenes)], rng.uniform(0.1, 0.5), rng))
+        pair = (folder / "dis" / f"{i:04d}{suffix}", folder / "ref" / f"{i:04d}{suffix}")
+        for path, array in zip(pair, (dis, ref)):
+            Image.fromarray(array).save(path, **({"quality": 90} if suffix == ".jpg" else {}))
+        pairs.append(pair)
+    return pairs
 
 
-def worker(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    h, w = map(int, args.size.split("x"))
-    model = build_model(args.width, args.layers, device)
-    group = args.refs_every
-    gen = torch.Generator().manual_seed(1)
-    refs = torch.rand(-(-args.pairs // group), 3, h, w, generator=gen)
-    dis = torch.rand(args.pairs, 3, h, w, generator=gen)
-    ref_of = torch.arange(args.pairs) // group
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+class Batches(torch.utils.data.Dataset):
+    """Batch i decoded by load_batch: the DataLoader-process alternative to the score command's threads."""
 
-    def run_batched(n: int) -> None:
-        for start in range(0, n, args.batch_size):
-            idx = torch.arange(start, min(start + args.batch_size, n))
-            used = ref_of[idx].unique()
-            where = torch.searchsorted(used, ref_of[idx])
-            model.score(dis[idx].to(device), refs[used].to(device), where)
+    def __init__(self, pairs, batches, pin: bool):
+        self.pairs, self.batches, self.pin = pairs, batches, pin
 
-    def run_single(n: int) -> None:
-        for i in range(n):
-            model(dis[i:i + 1].to(device), refs[ref_of[i]:ref_of[i] + 1].to(device))
+    def __len__(self) -> int:
+        return len(self.batches)
 
-    run = run_batched if args.path == "batched" else run_single
-    with torch.inference_mode(), autocast:
-        run(min(args.pairs, args.batch_size))  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        run(args.pairs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        kind = "GPU allocated"
+    def __getitem__(self, i: int):
+        return load_batch(self.pairs, self.batches[i], self.pin)
+
+
+def decode_rate(pairs, batch_size: int, workers: int, kind: str, pin: bool) -> tuple[float, float]:
+    """Decoding alone (nothing done with the batches) by `workers` threads or DataLoader processes: pairs per
+    second after the first batch, and the seconds to the first batch (starting the workers included)."""
+    batches = plan_batches(pairs, [(0, 0)] * len(pairs), batch_size)
+    if kind == "threads":
+        decoded = decoded_batches(pairs, batches, workers, pin)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        kind = "process RSS"
-    return {"path": args.path, "pairs": args.pairs, "seconds": seconds, "pairs_per_s": args.pairs / seconds,
-            "peak_mib": peak, "peak_kind": kind}
+        decoded = torch.utils.data.DataLoader(Batches(pairs, batches, False), batch_size=None, num_workers=workers,
+                                              pin_memory=pin)
+    start = time.perf_counter()
+    for i, _ in enumerate(decoded):
+        if i == 0:
+            first = time.perf_counter()
+    return (len(pairs) - len(batches[0])) / (time.perf_counter() - first), first - start
+
+
+def time_to_first_score(weights: Path, pair: tuple[Path, Path], device: str, precision: str) -> tuple[float, str]:
+    """Seconds from starting `python -m afine score DIS REF` to its score row on stdout, and the row."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "afine", "score", "--weights", str(weights), "--no-progress",
+                             "--device", device, "--precision", precision, *map(str, pair)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # the header is printed with the row, when the score is known
+    row = proc.stdout.readline()
+    seconds = time.perf_counter() - start
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        sys.exit(f"error: python -m afine score failed:\n{err}")
+    return seconds, row
+
+
+def end_to_end(weights: Path, folder: Path, device: str, precision: str, batch_size: int) -> float:
+    """Wall seconds of `python -m afine score DIS_DIR REF_DIR` (start, model load, every pair, output)."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "afine", "score", "--weights", str(weights), "--no-progress",
+                           "--device", device, "--precision", precision, "--batch-size", str(batch_size),
+                           str(folder / "dis"), str(folder / "ref")], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: python -m afine score failed:\n{proc.stderr}")
+    return time.perf_counter() - start
+
+
+def numbers(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=32, help="number of (dis, ref) pairs (default 32)")
+    parser.add_argument("--pairs", type=int, default=16, help="pairs per grid cell, at least one batch (default 16)")
     parser.add_argument("--size", default="384x512", help="HxW of every image (default 384x512)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per batch on the batched path")
-    parser.add_argument("--refs-every", type=int, default=8, help="test images sharing one reference (default 8)")
-    parser.add_argument("--amp", choices=["off", "bf16"], default="off")
-    parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--path", choices=["batched", "single"], help=argparse.SUPPRESS)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma list (default fp32,bf16)")
+    parser.add_argument("--batch-sizes", default="1,8,32", help="comma list (default 1,8,32; empty: no grid)")
+    parser.add_argument("--workers", default="0,2", help="decoding threads, comma list (default 0,2)")
+    parser.add_argument("--decode-workers", default="1,2,4",
+                        help="threads / DataLoader processes for the decoding comparison (default 1,2,4; empty: skip)")
+    parser.add_argument("--decode-pairs", type=int, default=64, help="pairs for the decoding comparison (default 64)")
+    parser.add_argument("--end-to-end", type=int, default=0, metavar="N",
+                        help="also time the whole command on N pairs at each precision (batch 8; default 0: skip)")
+    parser.add_argument("--keep", help="keep the generated files in this folder (default: a temporary one)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.path:  # child process: one path, its figures as JSON on stdout
-        print(json.dumps(worker(args)))
-        return
-    results = {}
-    for path in ("batched", "single"):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--path", path]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"error: {path} path failed:\n{proc.stderr}")
-        results[path] = json.loads(proc.stdout.strip().splitlines()[-1])
-    speedup = results["batched"]["pairs_per_s"] / results["single"]["pairs_per_s"]
-    cpu = f"cpu ({torch.get_num_threads()} threads)"
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
-    if args.json:
-        print(json.dumps({"device": device, "size": args.size, "amp": args.amp, **results, "speedup": speedup}))
-        return
-    print(f"device {device}, {args.pairs} pairs of {args.size}, one reference per {args.refs_every} test images, "
-          f"ViT width {args.width} x {args.layers} blocks, amp {args.amp}")
-    print(f"{'path':<28} {'pairs/s':>10} {'seconds':>9} {'peak MiB':>10}")
-    labels = {"batched": f"batched (batch {args.batch_size})", "single": "pair-at-a-time (official)"}
-    for path, r in results.items():
-        print(f"{labels[path]:<28} {r['pairs_per_s']:>10.2f} {r['seconds']:>9.2f} {r['peak_mib']:>10.0f}"
-              f"  ({r['peak_kind']})")
-    print(f"speed-up batched / pair-at-a-time: {speedup:.2f}x")
+    h, w = map(int, args.size.split("x"))
+    device = torch.device(args.device)
+    precisions = args.precisions.split(",")
+    batch_sizes, workers = numbers(args.batch_sizes), numbers(args.workers)
+    cell = max([args.pairs, *batch_sizes])
+    folder = Path(args.keep or tempfile.mkdtemp(prefix="afine-bench-score-"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {name}, torch {torch.__version__}, random ViT-B/32 A-FINE, {args.size} PNG pairs "
+          f"(a reference each), machine load {os.getloadavg()[0]:.1f}", flush=True)
+    try:
+        start = time.perf_counter()
+        pairs = make_pairs(folder / "png", max(cell, args.end_to_end, args.decode_pairs, 1), h, w, ".png")
+        torch.manual_seed(0)
+        weights = folder / "afine.pth"
+        save_afine(weights, AFINE(CLIP(**B32)).parts())
+        print(f"made {len(pairs)} pairs and {weights.stat().st_size / 2**20:.0f} MiB of weights in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+
+        for precision in precisions:
+            seconds, _ = time_to_first_score(weights, pairs[0], args.device, precision)
+            print(f"time to first score, {precision}: {seconds:.2f} s (python -m afine score DIS REF, one pair)")
+        start = time.perf_counter()
+        model = load_afine(None, weights).to(device)
+        print(f"model load in this process (load_afine, to {device}): {time.perf_counter() - start:.2f} s",
+              flush=True)
+
+        if args.decode_workers:
+            n_decode = args.decode_pairs
+            files = {"PNG": pairs[:n_decode],
+                     "JPEG": make_pairs(folder / "jpg", n_decode, h, w, ".jpg")}
+            print(f"\ndecoding alone: pairs/s after the first batch (seconds to the first batch), batch 8, "
+                  f"{n_decode} pairs; workers 0: the main thread")
+            print(f"{'format':<6} {'workers':>7} {'threads':>16} {'processes':>16}")
+            pin = device.type == "cuda"
+            for label, chosen in files.items():
+                rate, first = decode_rate(chosen, 8, 0, "threads", pin)
+                print(f"{label:<6} {0:>7} {rate:>8.1f} ({first:.2f} s)", flush=True)
+                for n in numbers(args.decode_workers):
+                    cells = [decode_rate(chosen, 8, n, kind, pin) for kind in ("threads", "processes")]
+                    print(f"{label:<6} {n:>7} " + " ".join(f"{r:>8.1f} ({f:.2f} s)" for r, f in cells), flush=True)
+
+        if batch_sizes and workers:
+            print(f"\nscoring, pairs/s (score_pairs: headers, decoding, CLIP, heads; max({args.pairs}, batch) pairs "
+                  "each)")
+            print(f"{'precision':<9} {'batch':>5} " + " ".join(f"{f'workers {n}':>10}" for n in workers))
+        rates: dict[str, list[float]] = {}
+        for precision in precisions if batch_sizes and workers else []:
+            score_pairs(model, pairs[:1], 1, device, progress=False, precision=precision, workers=0)  # warm-up
+            for batch in batch_sizes:
+                row = []
+                for n in workers:
+                    chosen = pairs[:max(args.pairs, batch)]
+                    start = time.perf_counter()
+                    score_pairs(model, chosen, batch, device, progress=False, precision=precision, workers=n)
+                    row.append(len(chosen) / (time.perf_counter() - start))
+                rates.setdefault(precision, []).extend(row)
+                print(f"{precision:<9} {batch:>5} " + " ".join(f"{r:>10.3f}" for r in row), flush=True)
+        if "fp32" in rates:
+            for precision in [p for p in rates if p != "fp32"]:
+                ratio = [a / b for a, b in zip(rates[precision], rates["fp32"])]
+                print(f"{precision} / fp32: {min(ratio):.2f}x to {max(ratio):.2f}x")
+
+        if args.end_to_end:
+            e2e = folder / "e2e"
+            for kind in ("dis", "ref"):
+                (e2e / kind).mkdir(parents=True, exist_ok=True)
+                for dis, ref in pairs[:args.end_to_end]:
+                    os.link(dis if kind == "dis" else ref, e2e / kind / dis.name)
+            print(f"\nthe whole command on {args.end_to_end} pairs (python -m afine score DIS_DIR REF_DIR, batch 8, "
+                  f"default workers)")
+            seconds = {p: end_to_end(weights, e2e, args.device, p, 8) for p in precisions}
+            for precision, s in seconds.items():
+                print(f"{precision:<5} {s:>8.1f} s  {args.end_to_end / s:>7.3f} pairs/s"
+                      + (f"  {seconds['fp32'] / s:.2f}x fp32" if "fp32" in seconds and precision != "fp32" else ""),
+                      flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

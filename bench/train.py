@@ -43,7 +43,7 @@ from afine.checkpoint import TINY_CLIP  # noqa: E402
 from afine.clip import CLIP  # noqa: E402
 from afine.losses import rank_loss  # noqa: E402
 from afine.model import AFINE  # noqa: E402
-from afine.training import autocast, freeze  # noqa: E402
+from afine.training import freeze  # noqa: E402
 
 B32 = dict(embed_dim=512, vision_width=768, vision_layers=12, vision_patch_size=32, grid_size=7, context_length=77,
            vocab_size=49408, transformer_width=512, transformer_layers=12)
@@ -102,11 +102,11 @@ def per_sample_losses(model: AFINE, stage: int, batch: dict, device: torch.devic
         x1, x2, y = (batch[k][i:i + 1].to(device) for k in ("x1", "x2", "y"))
         g12, g1y, g2y = (batch[k][i:i + 1].to(device) for k in ("g12", "g1y", "g2y"))
         if stage == 1:
-            n1, n2, ny = (model.natural(*encode(model, x, device, amp)) for x in (x1, x2, y))
+            n1, n2, ny = (model.natural(*model.encode(x, precision=amp)) for x in (x1, x2, y))
             losses.append(rank_loss(n1, n2, g12) + rank_loss(n1, ny, g1y) + rank_loss(n2, ny, g2y))
             continue
         with torch.no_grad():
-            (a1, f1), (a2, f2), (ay, fy) = (encode(model, x, device, amp) for x in (x1, x2, y))
+            (a1, f1), (a2, f2), (ay, fy) = (model.encode(x, precision=amp) for x in (x1, x2, y))
         if stage == 2:
             u1, u2 = model.fidelity(a1, f1, ay, fy), model.fidelity(a2, f2, ay, fy)
         else:
@@ -116,12 +116,6 @@ def per_sample_losses(model: AFINE, stage: int, batch: dict, device: torch.devic
             u1, u2 = model.terms(n1, ny, r1)["afine_all"], model.terms(n2, ny, r2)["afine_all"]
         losses.append(rank_loss(u1, u2, g12))
     return torch.cat(losses)
-
-
-def encode(model: AFINE, x: torch.Tensor, device: torch.device, amp: str):
-    with autocast(device, amp):
-        a, f = model.encode(x)
-    return a.float(), f.float()
 
 
 # ---------------------------------------------------------------------------------------------- measuring

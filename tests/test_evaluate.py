@@ -249,6 +249,31 @@ def test_sharded_plans_cover_every_item_once(corpus):
     assert sorted(computed) == sorted(items)
 
 
+def test_precision_reaches_clip_and_fp32_is_the_default(corpus, capsys, tmp_path):
+    data, paths = corpus
+    model = load_afine(None, paths["afine"])
+    items = load_benchmark(data, "kadid10k").items()[:60]
+    caches = {}
+    for precision in (None, "fp32", "bf16"):
+        caches[precision] = TermCache()
+        kwargs = {"precision": precision} if precision else {}
+        compute_terms(model, items, 3, caches[precision], batch_size=8, progress=False, **kwargs)
+    assert caches["fp32"].n == caches[None].n and caches["fp32"].f == caches[None].f  # exact
+    n32, n16 = (np.array([caches[p].n[k] for k in caches["fp32"].n]) for p in ("fp32", "bf16"))
+    assert 0 < np.abs(n16 - n32).max() < 0.2 * n32.std()  # bf16 ran; it moves this tiny random N by 4% of its spread
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        code, _, err = run_cli(capsys, "--bench", "sriqa-reg", "--data-root", data, "--weights", paths["afine"],
+                               "--precision", precision, "--json", tmp_path / f"{precision}.json")
+        assert code == 0, err
+        runs[precision] = json.loads((tmp_path / f"{precision}.json").read_text())["sriqa-reg"]
+    assert runs["fp32"]["pairs"] == runs["bf16"]["pairs"]
+    assert abs(runs["fp32"]["accuracy"] - runs["bf16"]["accuracy"]) < 0.1
+    code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", data, "--weights", paths["afine"],
+                             "--precision", "half")
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and "--precision" in err
+
+
 def test_torchrun_two_ranks_equals_one_process(corpus, tmp_path):
     data, paths = corpus
     args = ["evaluate.py", "--bench", "kadid10k,diffiqa-psy,sriqa-reg", "--data-root", str(data), "--weights",

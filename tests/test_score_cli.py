@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from afine.__main__ import main
-from afine.image import load_image
+from afine.image import load_image, preprocess
 from afine.model import AFINE, TERMS, load_afine
 from afine.score import read_pairs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
@@ -146,8 +146,8 @@ def test_non_finite_score_is_an_error_naming_the_pair(setup, capsys, monkeypatch
     paths, images = setup
     original = AFINE.score
 
-    def nan_for_pair_0(self, dis, refs, ref_index):
-        terms = dict(original(self, dis, refs, ref_index))
+    def nan_for_pair_0(self, dis, refs, ref_index, **kwargs):
+        terms = dict(original(self, dis, refs, ref_index, **kwargs))
         terms["afine_all"] = terms["afine_all"].clone()
         terms["afine_all"][0] = float("nan")
         return terms
@@ -165,3 +165,92 @@ def test_pairs_file_with_a_byte_order_mark(setup, tmp_path):
     (images / "bom_pairs.txt").write_bytes("\ufeffa.png,ref.png\nb.png,ref.png\n".encode())
     assert read_pairs(images / "bom_pairs.txt") == [(images / "a.png", images / "ref.png"),
                                                     (images / "b.png", images / "ref.png")]
+
+
+# ---------------------------------------------------------------------------------------------- precision, workers
+
+
+def test_fp32_is_exact_and_the_default(setup, capsys):
+    paths, images = setup
+    args = ["--weights", paths["afine"], "--pairs", images / "pairs.txt", "--json", "--batch-size", "1"]
+    code, default, _ = run_cli(capsys, *args)
+    code32, fp32, _ = run_cli(capsys, *args, "--precision", "fp32")
+    assert code == code32 == 0 and default == fp32
+    model = load_afine(None, paths["afine"])
+    dis, ref = load_image(images / "d2.png")[None], load_image(images / "ref2.png")[None]
+    with torch.no_grad():  # CLIP called directly, no autocast anywhere: the same bits
+        x = preprocess(torch.cat([dis, ref]))
+        features = torch.stack(model.clip.visual(x), dim=1)
+        n, f = model.natural(x, features), model.fidelity(x[:1], features[:1], x[1:], features[1:])
+        want = model.terms(n[:1], n[1:], f)
+    row = json.loads(fp32.splitlines()[1])
+    assert all(row[t] == want[t].item() for t in TERMS)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_is_close_to_fp32_but_not_equal(setup, capsys, precision):
+    paths, images = setup
+    args = ["--weights", paths["afine"], "--pairs", images / "pairs.txt", "--json"]
+    _, fp32, _ = run_cli(capsys, *args)
+    code, low, err = run_cli(capsys, *args, "--precision", precision)
+    assert code == 0, err
+    fp32, low = [[json.loads(line) for line in out.splitlines()] for out in (fp32, low)]
+    # The tiny test model's random heads magnify CLIP's rounding (test_low_precision_features below): raw N moves
+    # by up to 0.02 in bf16 and in fp16, the mapped terms and D (slopes of a few) by up to 0.06, the 0..100 scale
+    # (slope <= 10.5) by up to 0.4. The tolerances leave some room; pairing a test image with another pair's
+    # reference would move D here by 0.1 to 0.9.
+    tolerance = {t: 1.0 if t == "afine_all_scale" else 0.1 for t in TERMS}
+    assert all(abs(a[t] - b[t]) <= tolerance[t] for a, b in zip(fp32, low) for t in TERMS)
+    assert any(a["afine_all"] != b["afine_all"] for a, b in zip(fp32, low))  # autocast did run
+
+
+@pytest.mark.parametrize("option, value, culprit", [
+    ("--precision", "fp64", "choose from 'fp32', 'bf16', 'fp16'"), ("--precision", "FP16", "invalid choice: 'FP16'"),
+    ("--workers", "-1", "--workers must be 0 or more"),
+])
+def test_bad_precision_or_workers_is_one_error_line(setup, capsys, option, value, culprit):
+    paths, images = setup
+    code, out, err = run_cli(capsys, "--weights", paths["afine"], option, value, images / "a.png", images / "ref.png")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and culprit in err
+
+
+def test_any_number_of_decoding_workers_prints_the_same_bytes(setup, capsys):
+    paths, images = setup
+    outs = []
+    for workers in ("0", "1", "3", "8"):  # 8: more threads than the 5 batches
+        code, out, err = run_cli(capsys, "--weights", paths["afine"], "--pairs", images / "pairs.txt", "--batch-size",
+                                 "1", "--workers", workers)
+        assert code == 0, err
+        outs.append(out)
+    assert outs[1:] == outs[:1] * 3
+    rows = [line.split()[0] for line in outs[0].splitlines()[1:-1]]
+    assert [Path(r).name for r in rows] == ["a.png", "d2.png", "b.png", "c.png", "ref.png"]  # input order
+
+
+def test_progress_bar_counts_pairs(setup, capsys):
+    paths, images = setup
+    code = main(["score", "--weights", str(paths["afine"]), "--pairs", str(images / "pairs.txt"), "--batch-size", "2"])
+    _, err = capsys.readouterr()
+    assert code == 0 and "5/5" in err and "pair/s" in err
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("precision, bound", [("bf16", 0.02), ("fp16", 0.003)])
+def test_low_precision_features(setup, precision, bound):
+    """bf16 keeps 8 significant bits, fp16 11: one rounding is at most 2^-9 (0.2%) or 2^-12 (0.02%) of a value.
+    Through the tiny CLIP's 3 blocks the features end within 0.6% (0.07%) of float32; the bounds allow 3-4x that,
+    and the features must differ at all (autocast ran), while the normalised pixels the heads see stay exact."""
+    paths, images = setup
+    model = load_afine(None, paths["afine"])
+    x = torch.stack([load_image(images / f"{n}.png") for n in ("a", "b", "c", "ref")])
+    with torch.no_grad():
+        x32, f32 = model.encode(x)
+        xl, fl = model.encode(x, precision=precision)
+    assert xl.dtype == fl.dtype == torch.float32 and torch.equal(xl, x32)
+    error = ((fl - f32).flatten(2).norm(dim=2) / f32.flatten(2).norm(dim=2)).max().item()
+    assert 0 < error < bound
+    with torch.no_grad(), torch.autocast("cpu", dtype=DTYPES[precision]):  # a caller's own autocast still applies
+        assert torch.equal(model.encode(x)[1], fl)

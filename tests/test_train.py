@@ -194,7 +194,7 @@ def test_stage2_step_trains_fidelity_head_only_and_encodes_each_image_once(synth
     encoded, distinct = [], []
     encode = train_stage2.AFINE.encode
     monkeypatch.setattr(train_stage2.AFINE, "encode",
-                        lambda self, images, *a: encoded.append(images.shape[0]) or encode(self, images, *a))
+                        lambda self, images, *a, **k: encoded.append(images.shape[0]) or encode(self, images, *a, **k))
     losses = train_stage2.triplet_losses
 
     def counting(model, batch, *a):

@@ -42,4 +42,7 @@ def test_demo_configs_raise_validation_accuracy(tmp_path, capsys):
         val = [(r["step"], r["val_mean"]) for r in log if "val_mean" in r]
         assert val[0][0] == 0 and val[-1][0] == max(r.get("step", 0) for r in log)
         assert val[-1][1] > val[0][1], f"stage {stage}: validation accuracy {val}"
+        if stage > 1:  # the published way: on the frozen networks' cached statistics, as configs/s2.json, s3.json
+            assert json.loads((ROOT / "configs" / f"s{stage}.json").read_text())["cache"] is True
+            assert (runs[stage] / "cache").is_dir() and any((runs[stage] / "cache").glob("*/manifest.json"))
     assert (runs[3] / "afine.pth").is_file()
