@@ -22,12 +22,13 @@ from .naturalness import NaturalnessHead
 TERMS = ("afine_all_scale", "afine_all", "afine_fr", "afine_nr", "afine_nr_ref")
 HEADS = ("natural", "fidelity", "natural_scale", "fidelity_scale", "adapter")
 PRECISIONS = ("fp32", "bf16", "fp16")  # of the CLIP forward pass; heads, mappings and adapter always run in float32
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device: torch.device | str, precision: str):
     """Mixed precision for the CLIP forward pass: bf16 or fp16 autocast. fp32 (training's amp "off") changes
     nothing, so float32 runs as published and a caller's own torch.autocast still applies."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = HALF.get(precision)
     return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
@@ -49,12 +50,12 @@ class AFINE(nn.Module):
         """Images [B, 3, H, W] in [0, 1] -> (normalised, resized images; CLIP features [B, L, T, W]).
 
         `precision` bf16 or fp16 runs CLIP under autocast (README, "Precision") and returns float32 for the heads;
-        fp32 is exact and returns the model's own dtype (float64 for a .double() model).
+        fp32 (training's amp "off") is exact and returns the model's own dtype (float64 for a .double() model).
         """
         with autocast(images.device, precision):
             x = preprocess(images)
             features = torch.stack(self.clip.visual(x, checkpoint_blocks), dim=1)
-        return (x, features) if precision == "fp32" else (x.float(), features.float())
+        return (x.float(), features.float()) if precision in HALF else (x, features)
 
     def terms(self, n_dis: torch.Tensor, n_ref: torch.Tensor, f: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw N(dis), N(ref), F(dis, ref) [B] -> the five published terms [B]."""
