@@ -134,11 +134,12 @@ def decoded_batches(pairs: list[tuple[Path, Path]], batches: list[list[int]], wo
 
 
 @torch.inference_mode()
-def score_share(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int, device: torch.device,
-                precision: str, workers: int, progress: bool, rank: int = 0, size: int = 1) -> dict[int, list[float]]:
+def score_share(model: AFINE, pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], batch_size: int,
+                device: torch.device, precision: str, workers: int, progress: bool, rank: int = 0,
+                size: int = 1) -> dict[int, list[float]]:
     """The five terms of process `rank`'s share of the pairs (batches rank, rank + size, ... of the plan), by
     pair index; the progress bar counts pairs."""
-    batches = plan_batches(pairs, check_pairs(pairs), batch_size)[rank::size]
+    batches = plan_batches(pairs, sizes, batch_size)[rank::size]
     results = {}
     with tqdm(total=sum(map(len, batches)), desc="scoring", unit="pair", disable=not progress,
               file=sys.stderr) as bar:
@@ -153,16 +154,18 @@ def score_share(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int, d
 
 def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 8,
                 device: str | torch.device = "cpu", progress: bool = True, precision: str = "fp32",
-                workers: int = 2) -> list[dict[str, float]]:
+                workers: int = 2, sizes: list[tuple[int, int]] | None = None) -> list[dict[str, float]]:
     """The five terms for every pair, in input order; `workers` threads decode the next batches while CLIP runs.
+    `sizes`: the pairs' image sizes, if check_pairs already read them.
 
     Under torchrun (afine.evaluation.init_distributed) process r of R scores batches r, r + R, ... of the plan
     and every process gets every result: the batches, and so the values, are those of one process.
     """
     rank, size = world()
     d = distributed.Dist(rank=rank, world_size=size)
-    mine = distributed.agree(d, score_share, model, pairs, batch_size, torch.device(device), precision, workers,
-                             progress and rank == 0, rank, size)
+    sizes = check_pairs(pairs) if sizes is None else sizes
+    mine = distributed.agree(d, score_share, model, pairs, sizes, batch_size, torch.device(device), precision,
+                             workers, progress and rank == 0, rank, size)
     values = {i: row for part in distributed.gather_objects(d, mine) for i, row in part.items()}
     return [dict(zip(TERMS, values[i])) for i in range(len(pairs))]
 
@@ -241,10 +244,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         with silenced(rank != 0):
             try:
-                pairs, model = distributed.agree(d, prepare, args, device)
+                pairs, sizes, model = distributed.agree(d, prepare, args, device)
                 results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress,
                                       precision=args.precision,
-                                      workers=default_workers(device) if args.workers is None else args.workers)
+                                      workers=default_workers(device) if args.workers is None else args.workers,
+                                      sizes=sizes)
                 check_finite(pairs, results)
             except AfineError as e:
                 if size == 1:
@@ -260,8 +264,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare(args: argparse.Namespace, device: torch.device) -> tuple[list[tuple[Path, Path]], AFINE]:
-    """The pairs, every image header checked, and the model on `device`."""
+def prepare(args: argparse.Namespace,
+            device: torch.device) -> tuple[list[tuple[Path, Path]], list[tuple[int, int]], AFINE]:
+    """The pairs, their image sizes (every header checked) and the model on `device`."""
     if args.pairs and args.images:
         raise AfineError("give either DIS REF or --pairs FILE, not both")
     if args.pairs and args.skip_unpaired:
@@ -279,9 +284,9 @@ def prepare(args: argparse.Namespace, device: torch.device) -> tuple[list[tuple[
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise AfineError(f"--workers must be 0 or more, got {args.workers}")
-    check_pairs(pairs)  # fail on a bad image before loading (or downloading) a large model
+    sizes = check_pairs(pairs)  # fail on a bad image before loading (or downloading) a large model
     weights = args.weights if args.weights is not None else released_weights(args.offline, not args.no_progress)
-    return pairs, load_afine(args.clip, weights).to(device)
+    return pairs, sizes, load_afine(args.clip, weights).to(device)
 
 
 def write_results(args: argparse.Namespace, pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
