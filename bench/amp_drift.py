@@ -37,11 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_stage1  # noqa: E402
 from afine.benchmarks import load_benchmark, missing_folder, parse_benchmarks  # noqa: E402
-from afine.clip import CLIP  # noqa: E402
 from afine.evaluation import DEFAULT_CLIP, TermCache, compute_terms  # noqa: E402
 from afine.metrics import two_afc_accuracy  # noqa: E402
 from afine.model import AFINE, TERMS, load_afine  # noqa: E402
-from bench.train import B32  # noqa: E402
+from bench.train import random_b32  # noqa: E402
 
 
 def images(pairs: int, height: int, width: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -137,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         benchmark_drift(args)
         return 0
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = AFINE(CLIP(**B32)).to(device).eval()
+    model = random_b32(device)
     g = torch.Generator().manual_seed(0)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, random ViT-B/32 A-FINE, "
           f"{args.pairs} references x 2 distorted images per size; bf16 autocast vs float32 (heads float32)")

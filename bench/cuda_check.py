@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from afine.model import TERMS  # noqa: E402
-from bench.score import build_model  # noqa: E402
+from bench.train import random_b32  # noqa: E402
 from tests.tiny import random_afine  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device")
     h, w = map(int, args.size.split("x"))
-    model = random_afine(build_model(768, 12, torch.device("cpu")).clip, seed=3)
+    model = random_afine(random_b32().clip, seed=3)
     g = torch.Generator().manual_seed(0)
     ref = torch.rand(args.pairs, 3, h, w, generator=g)
     dis = (ref + 0.1 * torch.randn(ref.shape, generator=g)).clamp(0, 1)

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from afine import AFINELoss  # noqa: E402
-from bench.score import build_model  # noqa: E402
+from bench.train import random_b32  # noqa: E402
 
 CONFIGS = (("score", "off", False), ("score", "bf16", False), ("loss", "off", False), ("loss", "off", True),
            ("loss", "bf16", False), ("loss", "bf16", True))
@@ -50,7 +50,7 @@ def allocator_peak_mib(step) -> float:
 
 def worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    model = build_model(768, 12, device)
+    model = random_b32(device)
     g = torch.Generator().manual_seed(0)
 
     def pairs(size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,10 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from afine import synth  # noqa: E402
 from afine.checkpoint import save_afine  # noqa: E402
-from afine.clip import CLIP  # noqa: E402
-from afine.model import AFINE, load_afine  # noqa: E402
+from afine.model import load_afine  # noqa: E402
 from afine.score import decoded_batches, load_batch, plan_batches, score_pairs  # noqa: E402
-from bench.train import B32  # noqa: E402
+from bench.train import random_b32  # noqa: E402
 
 SCENES = 4  # distinct scenes (1.6 s each to make); the pairs' files are all distinct
 
@@ -152,9 +151,8 @@ def main() -> None:
     try:
         start = time.perf_counter()
         pairs = make_pairs(folder / "png", max(cell, args.end_to_end, args.decode_pairs, 1), h, w, ".png")
-        torch.manual_seed(0)
         weights = folder / "afine.pth"
-        save_afine(weights, AFINE(CLIP(**B32)).parts())
+        save_afine(weights, random_b32().parts())
         print(f"made {len(pairs)} pairs and {weights.stat().st_size / 2**20:.0f} MiB of weights in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
 

@@ -48,6 +48,13 @@ from afine.training import freeze  # noqa: E402
 B32 = dict(embed_dim=512, vision_width=768, vision_layers=12, vision_patch_size=32, grid_size=7, context_length=77,
            vocab_size=49408, transformer_width=512, transformer_layers=12)
 CLIPS = {"b32": B32, "tiny": TINY_CLIP}
+
+
+def random_b32(device: torch.device | str = "cpu") -> AFINE:
+    """A full-size ViT-B/32 A-FINE (text tower included) with random weights from seed 0, in eval mode: the
+    benchmarks' model (no download)."""
+    torch.manual_seed(0)
+    return AFINE(CLIP(**B32)).to(device).eval()
 LR = {1: {"clip": 5e-6, "natural": 5e-6}, 2: {"fidelity": 5e-4},
       3: {"natural_scale": 1e-3, "fidelity_scale": 1e-3, "adapter": 1e-3}}
 
