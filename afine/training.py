@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from . import config as configs
 from . import distributed, interrupts
-from .atomic import write_json
+from .atomic import write_json, write_text
 from .batches import shape_groups
 from .checkpoint import PART_FILES, atomic_save, load_strict, sha256
 from .datasets import ImageIndex, TripletDataset, collate_triplets, diffiqa_type_files, images_dir, resolve_triplets
@@ -401,15 +401,8 @@ def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global
 
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines of steps after the resumed state (they will be run again)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line + "\n")
-    path.with_name(".log.jsonl.tmp").write_text("".join(kept))
-    os.replace(path.with_name(".log.jsonl.tmp"), path)
+    if path.is_file():
+        write_text(path, "".join(json.dumps(r) + "\n" for r in read_log(path) if r.get("step", 0) <= step))
 
 
 # ---------------------------------------------------------------------------------------------- one step
