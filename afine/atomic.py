@@ -54,19 +54,26 @@ def nearest_folder(path: Path) -> Path:
     return folder
 
 
-def check_not_input(path: Path, inputs: Iterable[str | Path]) -> None:
-    """AfineError if `path` is one of `inputs`, compared by identity (device and inode): another spelling, a
-    symbolic link or a hard link to an input counts. A path with no file behind it overwrites nothing."""
-    try:
-        target = os.stat(path)
-    except OSError:
+def check_not_input(outputs: Iterable[str | Path], inputs: Iterable[str | Path]) -> None:
+    """AfineError if one of `outputs` is one of `inputs`, compared by identity (device and inode): another
+    spelling, a symbolic link or a hard link to an input counts. A path with no file behind it overwrites nothing.
+    The inputs (often every image of a dataset) are looked at once, however many outputs there are."""
+    existing = {}
+    for path in outputs:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        existing.setdefault((st.st_dev, st.st_ino), Path(path))
+    if not existing:
         return
     for source in inputs:
         try:
             found = os.stat(source)
         except OSError:
             continue
-        if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+        path = existing.get((found.st_dev, found.st_ino))
+        if path is not None:
             spelling = "" if Path(source) == path else f" (as {source})"
             raise AfineError(f"{path}: cannot write, this command reads that file{spelling}; choose another output")
 
@@ -82,7 +89,7 @@ def check_writable(path: str | Path, inputs: Iterable[str | Path] = ()) -> None:
     path = Path(path)
     if path.is_dir():
         raise AfineError(f"{path}: cannot write, it is a folder")
-    check_not_input(path, inputs)
+    check_not_input([path], inputs)
     folder = nearest_folder(path)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write, check_writable
+from .atomic import atomic_write, check_not_input, check_writable
 from .benchmarks import SRIQA, Benchmark
 from .errors import AfineError, optional_import
 from .metrics import fit_logistic4, logistic4, two_afc_correct
@@ -215,9 +215,10 @@ def check_plots(folder: str | Path, names: list[str], inputs: Iterable[str | Pat
     require_matplotlib("evaluate.py --plots")
     if Path(folder).exists() and not Path(folder).is_dir():
         raise AfineError(f"{folder}: --plots names a file, expected a folder")
-    inputs = list(inputs)
-    for name in names:
-        check_writable(Path(folder) / f"{name}.png", inputs)
+    paths = [Path(folder) / f"{name}.png" for name in names]
+    for path in paths:
+        check_writable(path)
+    check_not_input(paths, inputs)
 
 
 def benchmark_plots(benches: list[Benchmark], scores: dict[str, dict], results: dict[str, dict], score_name: str,
