@@ -345,8 +345,9 @@ def test_dash_is_standard_output_and_dot_slash_dash_a_file(tmp_path, monkeypatch
     assert (tmp_path / "-").read_text() == "a file" and capsys.readouterr().out == ""
 
 
-def test_a_checked_write_to_standard_output_sends_nothing_unchecked(capsys):
+def test_a_checked_write_to_standard_output_sends_nothing_unchecked(tmp_path, monkeypatch, capsys):
     """download.py's `check` runs on the whole file before anything reaches the output."""
+    monkeypatch.chdir(tmp_path)  # a wrong '-' is a file here, not in the repository
     def refuse(path):
         assert path.read_bytes() == b"payload"
         raise ValueError("bad file")
@@ -354,7 +355,7 @@ def test_a_checked_write_to_standard_output_sends_nothing_unchecked(capsys):
     with pytest.raises(ValueError):
         atomic_write("-", lambda f: f.write(b"payload"), refuse)
     atomic_write("-", lambda f: f.write(b"payload"), lambda path: None)
-    assert capsys.readouterr().out == "payload"
+    assert capsys.readouterr().out == "payload" and list(tmp_path.iterdir()) == []
 
 
 def test_the_file_is_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
