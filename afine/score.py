@@ -68,15 +68,18 @@ def read_pairs(file: str | Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def is_regular(file: str | Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(file).st_mode)
+    except OSError:
+        return False
+
+
 def in_a_folder(file: Path) -> bool:
     """Whether a pairs file's folder is where its relative paths point: a regular file, not read through /dev or
     /proc (where /dev/stdin and /dev/fd/N lead to whatever the shell gave the command)."""
-    try:
-        regular = stat.S_ISREG(os.stat(file).st_mode)
-    except OSError:
-        return False  # gone since it was read
     folder = os.path.realpath(file.parent)
-    return regular and folder != "/dev" and not folder.startswith("/proc/")
+    return is_regular(file) and folder != "/dev" and not folder.startswith("/proc/")
 
 
 def plan_batches(pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -290,6 +293,9 @@ def prepare(args: argparse.Namespace,
         raise AfineError("give either DIS REF or --pairs FILE, not both")
     if args.pairs and args.skip_unpaired:
         raise AfineError("--skip-unpaired applies to folders (DIS_DIR REF_DIR), not to --pairs")
+    if args.pairs and world()[1] > 1 and not (args.pairs != "-" and is_regular(args.pairs)):
+        raise AfineError(f"--pairs {args.pairs}: standard input, a pipe or a device is read once, not by each of "
+                         f"{world()[1]} processes; give a pairs file")
     if args.pairs:
         pairs = read_pairs(args.pairs)
     elif len(args.images) == 2:

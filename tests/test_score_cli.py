@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -203,6 +204,28 @@ def test_pairs_from_dev_stdin_in_a_shell_pipe(setup, tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (json.loads(proc.stdout)["dis"], json.loads(proc.stdout)["ref"]) == ("a.png", "ref.png")
+
+
+def test_pairs_from_standard_input_or_a_device_are_refused_under_several_processes(setup, monkeypatch):
+    """Under torchrun every process reads the pairs: from one standard input they would split its lines between
+    them, each scoring other pairs."""
+    from afine import score as score_module
+    from afine.errors import AfineError
+
+    paths, images = setup
+    parser = argparse.ArgumentParser()
+    score_module.add_arguments(parser)
+    monkeypatch.setattr(score_module, "world", lambda: (1, 2))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a.png,ref.png\n")))
+    for pairs in ("-", os.devnull):
+        args = parser.parse_args(["--weights", str(paths["afine"]), "--pairs", pairs])
+        with pytest.raises(AfineError) as info:
+            score_module.prepare(args, torch.device("cpu"))
+        assert str(info.value) == f"--pairs {pairs}: standard input, a pipe or a device is read once, not by each " \
+                                  "of 2 processes; give a pairs file"
+    assert sys.stdin.read() == "a.png,ref.png\n"  # not read
+    args = parser.parse_args(["--weights", str(paths["afine"]), "--pairs", str(images / "pairs.txt")])
+    assert len(score_module.prepare(args, torch.device("cpu"))[0]) == 5  # a file each process reads whole
 
 
 # ---------------------------------------------------------------------------------------------- precision, workers
