@@ -175,21 +175,21 @@ def check_writable(path: str | Path, inputs: Iterable[str | Path] = (), suffixes
     """AfineError naming `path` unless atomic_write could write it without destroying what it must not: call it
     before long work, not after.
 
-    '-' (standard output) is always writable. Otherwise the path must not be a folder, a dangling link, nor one of
-    `inputs`, the files the command reads (see check_not_input). A device or FIFO (or a link to one) is
-    written in place: it needs write permission, nothing else. A regular file or new name (a link's target, for a
-    link) must not be a file of a training run folder (run_folder_holding), must end in one of `suffixes` (the
-    format written; any name if none are given), and the nearest existing folder must take a new file, tried with
-    a probe file that is removed at once.
+    '-' (standard output) is always writable. Otherwise the path must not be a folder, a socket or a dangling link.
+    A device or FIFO (or a link to one) is written in place: it needs write permission, nothing else. A regular
+    file or new name (a link's target, for a link) must not be one of `inputs`, the files the command reads (see
+    check_not_input), nor a file of a training run folder (run_folder_holding); it must end in one of `suffixes`
+    (the format written; any name if none are given), and the nearest existing folder must take a new file, tried
+    with a probe file that is removed at once.
     """
     how, target = destination(path)
     if how == "stdout":
         return
-    check_not_input([path], inputs)
-    if how == "in place":
+    if how == "in place":  # writing a terminal or /dev/null that is also read (--pairs /dev/stdin) destroys nothing
         if not os.access(path, os.W_OK):
             raise AfineError(f"{path}: cannot write (permission denied)")
         return
+    check_not_input([path], inputs)
     run = run_folder_holding(target)
     if run is not None:
         raise AfineError(f"{path}: cannot write, it is a file of the training run folder {run}; choose another "

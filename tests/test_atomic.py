@@ -252,6 +252,7 @@ def test_a_character_device_is_written_in_place_never_replaced(tmp_path, made_in
     null = tmp_path / "null.csv"
     null.symlink_to(os.devnull)
     check_writable(null, suffixes=JSON)  # a device's name says nothing of the format
+    check_writable(null, [os.devnull])  # nor does writing it destroy what is read from it (a terminal)
     write_text(null, "x\n")
     write_json(null, {"a": 1})
     atomic_save({"w": torch.zeros(2)}, null)
