@@ -41,7 +41,7 @@ import math
 import sys
 import time
 
-from afine.atomic import check_writable, write_json
+from afine.atomic import JSON, check_writable, printout, write_json
 from afine.benchmarks import Indexes, dataset_of, load_benchmark, missing_folder, parse_benchmarks
 from afine.errors import AfineError, ArgumentParser, command, printable
 from afine.evaluation import (
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="'all' or a comma list of benchmark names or dataset folder names (default all)")
     parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=3,
                         help="score: 1 raw naturalness, 2 raw fidelity, 3 D (default)")
-    parser.add_argument("--json", help="write results to this JSON file")
+    parser.add_argument("--json", help="write results to this JSON file (*.json; '-': standard output, the "
+                        "table then going to stderr)")
     parser.add_argument("--plots", metavar="DIR", help="write a PNG per benchmark into this folder (needs matplotlib)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="CLIP's precision: fp32 (default, exact), bf16 or fp16 autocast (heads in float32)")
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [*{p for b in benches for item in b.items() for p in item},
                   *(f for b in benches for f in b.label_files), *model_files(args)]
         if args.json:
-            check_writable(args.json, inputs)
+            check_writable(args.json, inputs, JSON)
         if args.plots:
             plots.check_plots(args.plots, [b.name for b in benches], inputs)
         device = pick_device(args.device, init_distributed(args.device))
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                            precision=args.precision)
         rank, _ = world()
         if rank == 0:
-            print(table(names, results, skipped))  # results on stdout first, whatever happens to the file
+            # results on stdout first, whatever happens to the file (on stderr when the file is stdout: --json -)
+            print(table(names, results, skipped), file=printout(args.json))
             if args.json:
                 write_json(args.json, results)
             if args.plots:

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import optimize
 from scipy.special import expit
 
-from afine.atomic import check_writable, write_json
+from afine.atomic import JSON, check_writable, printout, write_json
 from afine.benchmarks import Indexes, sriqa_scene
 from afine.datasets import ImageIndex, dataset_dir, images_dir, sriqa_mos_files
 from afine.errors import AfineError, ArgumentParser, command, printable
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=tuple(MODES), help="nr: NR-mapping start (stage-1 model, PIPAL Train MOS); "
                         "scale: final 0..100 scale (stage-3 model, SRIQA-Bench MOS)")
-    parser.add_argument("--out", required=True, help="JSON file to write the fitted parameters to")
+    parser.add_argument("--out", required=True, help="JSON file to write the fitted parameters to (*.json; '-': "
+                        "standard output, the summary then going to stderr)")
     add_model_arguments(parser)
     try:
         args = parser.parse_args(argv)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         stage, data, e1, e2, names = MODES[args.mode]
         items, y, label_files = data(args.data_root)
         inputs = [p for item in items for p in item] + label_files + model_files(args)
-        check_writable(args.out, inputs)  # before the work, not after it, and never over what it reads
+        check_writable(args.out, inputs, JSON)  # before the work, not after it, and never over what it reads
         device = pick_device(args.device, init_distributed(args.device))
         model = load_afine(args.clip, args.weights, require=STAGE_PARTS[stage], default_clip=DEFAULT_CLIP).to(device)
         x = score_items(model, items, stage, batch_size=args.batch_size, device=device, workers=args.workers,
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         g3, g4, rmse = fit_logistic(x, y, e1, e2)
         if world()[0] == 0:
             print(f"{names[0]} {g3:.6f}\n{names[1]} {g4:.6f}\nimages {len(items)}  rmse {rmse:.6f}  -> "
-                  f"{printable(args.out)}")
+                  f"{printable(args.out)}", file=printout(args.out))
             write_json(args.out, {names[0]: g3, names[1]: g4, "images": len(items), "rmse": rmse,
                                   "weights": printable(args.weights)})
     finally:

@@ -21,9 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog=prog, description="A-FINE image quality (lower is better).")
     commands = parser.add_subparsers(dest="command", required=True)
     score.add_arguments(commands.add_parser("score", help="score (dis, ref) image pairs"))
-    curves = commands.add_parser("curves", help="training curves of run folders as one PNG (needs matplotlib)")
+    curves = commands.add_parser("curves", help="training curves of run folders as one picture (needs matplotlib)")
     curves.add_argument("runs", nargs="+", metavar="RUN", help="training run folders (out_dir) or their log.jsonl")
-    curves.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    curves.add_argument("--out", default="curves.png", help="the picture to write, in the format its suffix names: "
+                        ".png (default curves.png), .pdf, .svg, .jpg, .tif, .eps, .ps; '-': PNG on standard output")
     args = parser.parse_args(argv)
     if args.command == "curves":
         from . import plots  # imported only by this command: scoring does not pay for the plotting code

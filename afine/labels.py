@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import csvdataset
-from .atomic import atomic_folder, check_writable, write_text
+from .atomic import TEXT, atomic_folder, check_writable, printout, write_text
 from .errors import AfineError, ArgumentParser, command, printable, warn
 
 LABELS = (0.0, 0.5, 1.0)
@@ -370,13 +370,13 @@ def dataset_from_csv(csv_path: str | Path, out: str | Path, seed: int = 0, image
 
 
 def _cmd_nlogn(args: argparse.Namespace) -> None:
-    check_writable(args.out, mos_files(args.mos_dir))
+    check_writable(args.out, mos_files(args.mos_dir), TEXT)
     records = read_mos_folder(args.mos_dir)
     triplets = nlogn_triplets(records, args.seed)
     write_triplets(args.out, triplets)
     groups = len({r.ref for r in records})
     print(f"wrote {len(triplets)} triplets from {len(records)} MOS records in {groups} groups to "
-          f"{printable(args.out)}")
+          f"{printable(args.out)}", file=printout(args.out))
 
 
 def _cmd_lowercase(args: argparse.Namespace) -> None:
@@ -386,13 +386,13 @@ def _cmd_lowercase(args: argparse.Namespace) -> None:
 
 def _cmd_pipal_mos(args: argparse.Namespace) -> None:
     if args.out:
-        check_writable(args.out, mos_files(args.mos_dir))
+        check_writable(args.out, mos_files(args.mos_dir), TEXT)
     records = read_mos_folder(args.mos_dir)
     y = normalise_pipal_mos(np.array([r.mos for r in records]))
     normalised = [MOSRecord(r.dis, r.ref, float(v)) for r, v in zip(records, y)]
     if args.out:
         write_mos(args.out, normalised)
-        print(f"wrote {len(normalised)} normalised MOS records to {printable(args.out)}")
+        print(f"wrote {len(normalised)} normalised MOS records to {printable(args.out)}", file=printout(args.out))
     else:
         sys.stdout.write("".join(f"{r.dis},{r.ref},{_fmt(r.mos)}\n" for r in normalised))
 
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("nlogn", help="generate nlogn triplets from a MOS/ folder")
     p.add_argument("--mos-dir", required=True, help="folder of MOS *.txt lists")
-    p.add_argument("--out", required=True, help="triplet list to write")
+    p.add_argument("--out", required=True, help="triplet list to write (*.txt; '-': standard output)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_nlogn)
     p = sub.add_parser("lowercase-tid2013", help="lower-case TID2013 image and label file names in place")
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_lowercase)
     p = sub.add_parser("pipal-mos", help="PIPAL MOS normalised to [-2, 2], best -> -2 (fit_gamma's target)")
     p.add_argument("--mos-dir", required=True, help="folder of MOS *.txt lists")
-    p.add_argument("--out", help="MOS list to write (default: print dis,ref,mos lines)")
+    p.add_argument("--out", help="MOS list to write (*.txt; default: print dis,ref,mos lines)")
     p.set_defaults(func=_cmd_pipal_mos)
     p = sub.add_parser("from-csv", help="make a dataset in the traditional layout from a CSV of dis,ref,mos rows")
     csvdataset.add_arguments(p)

@@ -1,4 +1,4 @@
-"""Pictures of training and evaluation (README, "Curves and plots"), as PNG files drawn with matplotlib.
+"""Pictures of training and evaluation (README, "Curves and plots"), drawn with matplotlib.
 
 - Curves: `python -m afine curves RUN [RUN ...] --out curves.png` draws the training loss and the validation
   mean against step of one or several run folders (their log.jsonl; a run still going is read as far as it
@@ -8,7 +8,8 @@
   or the distortion type, the 2AFC accuracy of each.
 
 matplotlib is optional (`pip install '.[plots]'`): it is imported only when a picture is drawn, and drawn off
-screen (the Agg canvas, no pyplot), so no display is needed.
+screen (the Agg canvas, no pyplot), so no display is needed. A picture is written in the format its file name's
+suffix names (.png, .pdf, .svg, ...: afine.atomic.PICTURES).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write, check_not_input, check_writable
+from .atomic import PICTURES, atomic_write, check_not_input, check_writable, destination, printout
 from .benchmarks import SRIQA, Benchmark
 from .errors import AfineError, optional_import
 from .metrics import fit_logistic4, logistic4, two_afc_correct
@@ -47,8 +48,15 @@ def figure(size: tuple[float, float], what: str):
     return fig
 
 
-def save_png(fig, path: Path) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+def picture_format(path: str | Path) -> str:
+    """The format the name of the file written says (a link's target's name; PICTURES), else PNG: '-', a FIFO."""
+    suffix = destination(path)[1].suffix.lower()
+    return suffix[1:] if suffix in PICTURES else "png"
+
+
+def save_picture(fig, path: str | Path) -> None:
+    kind = picture_format(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=kind, dpi=DPI))
 
 
 # ---------------------------------------------------------------------------------------------- training curves
@@ -72,9 +80,9 @@ def run_names(runs: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(run) for run in runs]
 
 
-def draw_curves(runs: list[Path], out: Path) -> None:
-    """One PNG: training loss (left) and validation 2AFC mean (right) against step, one colour per run, each
-    run's best validation (the one log.jsonl marks "best") starred."""
+def draw_curves(runs: list[Path], out: str | Path) -> None:
+    """One picture in the format `out`'s suffix names (PNG for '-'): training loss (left) and validation 2AFC mean
+    (right) against step, one colour per run, each run's best validation (the one log.jsonl marks "best") starred."""
     curves = [run_curves(run) for run in runs]
     if not any(c["loss"] or c["val"] for c in curves):
         raise AfineError(f"{', '.join(map(str, runs))}: nothing logged yet (no training step or validation)")
@@ -97,16 +105,16 @@ def draw_curves(runs: list[Path], out: Path) -> None:
     for ax in (loss_ax, val_ax):
         ax.grid(alpha=0.3)
     (loss_ax if any(c["loss"] for c in curves) else val_ax).legend(fontsize=8)
-    save_png(fig, out)
+    save_picture(fig, out)
 
 
 def curves_command(args: argparse.Namespace) -> int:
-    """`python -m afine curves RUN [RUN ...] --out PNG` (arguments in afine/__main__.py)."""
+    """`python -m afine curves RUN [RUN ...] --out PICTURE` (arguments in afine/__main__.py)."""
     require_matplotlib("python -m afine curves")
     runs = [Path(r) for r in args.runs]
-    check_writable(args.out, [run / "log.jsonl" if run.is_dir() else run for run in runs])
-    draw_curves(runs, Path(args.out))
-    print(f"wrote {args.out}")
+    check_writable(args.out, [run / "log.jsonl" if run.is_dir() else run for run in runs], PICTURES)
+    draw_curves(runs, args.out)  # as given: '-' is standard output, './-' a file
+    print(f"wrote {args.out}", file=printout(args.out))
     return 0
 
 
@@ -206,7 +214,7 @@ def benchmark_plot(bench: Benchmark, scores: dict, result: dict, score_name: str
         mos_panel(axes.pop(0), bench, scores, result, score_name)
     if bars:
         accuracy_panel(axes.pop(0), bench, scores, result, found)
-    save_png(fig, path)
+    save_picture(fig, path)
 
 
 def check_plots(folder: str | Path, names: list[str], inputs: Iterable[str | Path] = ()) -> None:

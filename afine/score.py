@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import stat
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .atomic import check_writable, write_text
+from .atomic import CSV, check_writable, printout, write_text
 from .checkpoint import weight_files
 from .download import released_path, released_weights
 from .errors import AfineError, printable, report
@@ -41,25 +42,44 @@ from .model import AFINE, PRECISIONS, TERMS, load_afine
 
 
 def read_pairs(file: str | Path) -> list[tuple[Path, Path]]:
-    """Lines `dis,ref` (blank lines and `#` comments skipped); relative paths are relative to the file's folder."""
-    file = Path(file)
+    """Lines `dis,ref` (blank lines and `#` comments skipped); relative paths are relative to the file's folder,
+    or to the working folder for '-' (standard input) and a file that is not in a folder of files: a FIFO or
+    device, or a file read through /dev or /proc (/dev/stdin, /dev/fd/3, <(...))."""
+    stdin, file = isinstance(file, str) and file == "-", Path(file)  # './-' is a file of that name
+    name = "standard input" if stdin else file
     try:
-        lines = file.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the first path
+        data = sys.stdin.buffer.read() if stdin else file.read_bytes()
+        lines = data.decode("utf-8-sig").splitlines()  # a byte-order mark is not part of the first path
     except OSError as e:
-        raise AfineError(f"{file}: cannot read pairs file ({e.strerror})") from None
+        raise AfineError(f"{name}: cannot read pairs file ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise AfineError(f"{file}: cannot read pairs file (not UTF-8 text: {e.reason} at byte {e.start})") from None
+        raise AfineError(f"{name}: cannot read pairs file (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    base = file.parent if not stdin and in_a_folder(file) else Path()
     pairs = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = [f.strip() for f in line.split(",")]
         if len(fields) != 2 or not all(fields):
-            raise AfineError(f"{file}:{number}: expected 'dis,ref', got {line.strip()!r}")
-        pairs.append(tuple(file.parent / f for f in fields))
+            raise AfineError(f"{name}:{number}: expected 'dis,ref', got {line.strip()!r}")
+        pairs.append(tuple(base / f for f in fields))
     if not pairs:
-        raise AfineError(f"{file}: no pairs")
+        raise AfineError(f"{name}: no pairs")
     return pairs
+
+
+def is_regular(file: str | Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(file).st_mode)
+    except OSError:
+        return False
+
+
+def in_a_folder(file: Path) -> bool:
+    """Whether a pairs file's folder is where its relative paths point: a regular file, not read through /dev or
+    /proc (where /dev/stdin and /dev/fd/N lead to whatever the shell gave the command)."""
+    folder = os.path.realpath(file.parent)
+    return is_regular(file) and folder != "/dev" and not folder.startswith("/proc/")
 
 
 def plan_batches(pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -213,8 +233,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(paired by file name, or by stem with any image suffix) or one reference image")
     parser.add_argument("--skip-unpaired", action="store_true",
                         help="with folders: skip images without a partner (listed in a warning) instead of failing")
-    parser.add_argument("--csv", metavar="FILE", help="also write the scores to this CSV file")
-    parser.add_argument("--pairs", help="file of 'dis,ref' lines (paths relative to the file's folder)")
+    parser.add_argument("--csv", metavar="FILE", help="also write the scores to this CSV file (*.csv; '-': standard "
+                        "output, the table then going to stderr)")
+    parser.add_argument("--pairs", help="file of 'dis,ref' lines (paths relative to the file's folder; '-': standard "
+                        "input, paths relative to the working folder)")
     parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file), for weights "
                         "without a fine-tuned CLIP")
     parser.add_argument("--weights", help="A-FINE weights: afine.pth or a folder of net_*.pth files (default: the "
@@ -271,6 +293,9 @@ def prepare(args: argparse.Namespace,
         raise AfineError("give either DIS REF or --pairs FILE, not both")
     if args.pairs and args.skip_unpaired:
         raise AfineError("--skip-unpaired applies to folders (DIS_DIR REF_DIR), not to --pairs")
+    if args.pairs and world()[1] > 1 and not (args.pairs != "-" and is_regular(args.pairs)):
+        raise AfineError(f"--pairs {args.pairs}: standard input, a pipe or a device is read once, not by each of "
+                         f"{world()[1]} processes; give a pairs file")
     if args.pairs:
         pairs = read_pairs(args.pairs)
     elif len(args.images) == 2:
@@ -279,7 +304,8 @@ def prepare(args: argparse.Namespace,
         raise AfineError("give DIS REF (images, or folders paired by name) or --pairs FILE")
     if args.csv:  # before the work, not after it; never over an image, the pairs file or the weights
         inputs = [p for pair in pairs for p in pair] + [Path(f) for f in (args.pairs, args.clip) if f]
-        check_writable(args.csv, inputs + weight_files(args.weights if args.weights is not None else released_path()))
+        check_writable(args.csv, inputs + weight_files(args.weights if args.weights is not None else released_path()),
+                       CSV)
     if args.batch_size < 1:
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
@@ -290,14 +316,16 @@ def prepare(args: argparse.Namespace,
 
 
 def write_results(args: argparse.Namespace, pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
-    """The table (or JSON lines) on stdout, then the CSV file if asked for."""
+    """The table (or JSON lines) on stdout, then the CSV file if asked for; with `--csv -` the CSV is standard
+    output's alone and the table (or JSON lines) goes to stderr."""
+    shown = printout(args.csv)
     if args.json:
         print("\n".join(json.dumps({"dis": printable(d), "ref": printable(r), **res})
-                        for (d, r), res in zip(pairs, results)))
+                        for (d, r), res in zip(pairs, results)), file=shown)
     else:
-        print(format_table(pairs, results))
+        print(format_table(pairs, results), file=shown)
         if len(results) > 1:
-            print(mean_row(pairs, results))
+            print(mean_row(pairs, results), file=shown)
     if args.csv:
         write_csv(args.csv, pairs, results)
 

@@ -424,6 +424,51 @@ def test_a_mos_list_naming_a_missing_image_is_named_by_file_and_line(hand, capsy
     assert err == f"error: {mos}:2: image 'I01_01_09.png' not found under {copy / 'KADID10K' / 'images'}\n"
 
 
+def test_json_dash_is_the_json_alone_on_stdout_and_the_table_goes_to_stderr(hand, capsys, tmp_path, monkeypatch):
+    run, data, _ = hand
+    monkeypatch.chdir(tmp_path)  # a wrong '-' is a file here, not in the repository
+    common = ["--bench", "kadid10k", "--data-root", data, "--weights", run, "--stage", "1"]
+    code, table, _ = run_cli(capsys, *common, "--json", tmp_path / "r.json")
+    assert code == 0
+    code, out, err = run_cli(capsys, *common, "--json", "-")
+    assert code == 0
+    no_time = [{name: {k: v for k, v in r.items() if k != "seconds"} for name, r in results.items()}
+               for results in (json.loads(out), json.loads((tmp_path / "r.json").read_text()))]
+    assert no_time[0] == no_time[1]  # stdout is the JSON file, whole
+    shown = err.splitlines()
+    assert [line.split()[:4] for line in shown[:2]] == [line.split()[:4] for line in table.splitlines()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+@pytest.mark.parametrize("target, message", [
+    ("s3/log.jsonl", "it is a file of the training run folder"),
+    ("s3/best/net_qhead.pth", "it is a file of the training run folder"),
+    ("s3/best/best.json", "it is a file of the training run folder"),
+    ("s3/built_on.json", "it is a file of the training run folder"),
+    ("results.pth", "the file name must end in .json for what is written there (it ends in '.pth')"),
+    ("results.jsonl", "the file name must end in .json for what is written there (it ends in '.jsonl')"),
+])
+def test_json_over_a_training_runs_files_or_under_another_suffix_is_refused(hand, capsys, tmp_path, monkeypatch,
+                                                                            target, message):
+    """A run the command does not read (s3) keeps its log, records and weights; results are JSON in a .json."""
+    import evaluate
+
+    run, data, _ = hand
+    s3 = tmp_path / "s3"
+    (s3 / "best").mkdir(parents=True)
+    for name in ("config.json", "built_on.json", "log.jsonl", "best/best.json"):
+        (s3 / name).write_text("{}\n")
+    save_network_file(s3 / "best" / "net_qhead.pth", red_model().natural)
+    before = {p: p.read_bytes() for p in s3.rglob("*") if p.is_file()}
+    monkeypatch.setattr(evaluate, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+    code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", data, "--weights", run, "--stage", "1",
+                             "--json", tmp_path / target)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {tmp_path / target}: cannot write") and message in err, err
+    assert {p: p.read_bytes() for p in s3.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "results.pth").exists() and not (tmp_path / "results.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------- --plots
 
 

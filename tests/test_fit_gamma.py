@@ -146,6 +146,25 @@ def test_out_over_a_file_it_reads_is_refused_before_the_work(corpus, capsys, mon
         assert target.read_bytes() == before
 
 
+def test_out_dash_is_the_json_alone_on_stdout_and_another_suffix_is_refused(corpus, tmp_path, capsys, monkeypatch):
+    import fit_gamma
+
+    data, paths = corpus
+    monkeypatch.chdir(tmp_path)  # a wrong '-' is a file here, not in the repository
+    common = ["scale", "--data-root", str(data), "--weights", str(paths["folder"]), "--no-progress", "--workers", "0"]
+    assert main([*common, "--out", str(tmp_path / "scale.json")]) == 0
+    summary = capsys.readouterr().out
+    assert main([*common, "--out", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == json.loads((tmp_path / "scale.json").read_text())
+    assert err.splitlines()[:2] == summary.splitlines()[:2]  # center, width: on stderr
+    monkeypatch.setattr(fit_gamma, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+    assert main([*common, "--out", str(tmp_path / "scale.txt")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {tmp_path / 'scale.txt'}: cannot write, the file name must end in .json " \
+                                "for what is written there (it ends in '.txt'); choose another output\n"
+
+
 def test_a_mos_list_naming_a_missing_image_is_named_by_file_and_line(tmp_path):
     """The MOS list at fault is I02.txt, line 2 (not 'I02.png.txt', guessed from the reference's name)."""
     images = tmp_path / "PIPAL" / "images"

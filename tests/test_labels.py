@@ -262,6 +262,24 @@ def test_cli_nlogn_and_pipal_mos(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == "A_000.png,A.png,2"
 
 
+def test_cli_out_dash_is_the_list_alone_on_stdout_and_another_suffix_is_refused(tmp_path, capsys, monkeypatch):
+    mos_dir = tmp_path / "MOS"
+    write_mos(mos_dir / "A.txt", _group("A", 7, float))
+    monkeypatch.chdir(tmp_path)
+    for command, reader in (("nlogn", read_triplets), ("pipal-mos", read_mos)):
+        assert main([command, "--mos-dir", str(mos_dir), "--out", str(tmp_path / "list.txt")]) == 0
+        summary = capsys.readouterr().out
+        assert main([command, "--mos-dir", str(mos_dir), "--out", "-"]) == 0
+        captured = capsys.readouterr()
+        (tmp_path / "stdout.txt").write_text(captured.out)
+        assert reader(tmp_path / "stdout.txt") == reader(tmp_path / "list.txt")
+        assert captured.err.startswith(summary.split(" to ")[0]) and captured.err.endswith(" to -\n")
+        assert main([command, "--mos-dir", str(mos_dir), "--out", str(tmp_path / "list.csv")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / 'list.csv'}: cannot write, the file name must end in .txt")
+    assert not (tmp_path / "-").exists() and not (tmp_path / "list.csv").exists()
+
+
 def test_cli_error_is_one_line_exit_2(tmp_path):
     (tmp_path / "MOS").mkdir()
     (tmp_path / "MOS" / "a.txt").write_text("x,r,1\ny,r,oops\n")

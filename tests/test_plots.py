@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from afine.__main__ import main
@@ -74,6 +76,47 @@ def test_curves_mistakes_are_one_error_line(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and err.startswith("error: python -m afine curves needs the optional package "
                                                    "matplotlib") and "pip install matplotlib" in err
     assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("suffix, start", [(".pdf", b"%PDF-"), (".svg", b"<?xml"), (".PNG", b"\x89PNG"),
+                                           (".jpg", b"\xff\xd8\xff"), (".eps", b"%!PS-Adobe")])
+def test_curves_are_written_in_the_format_their_suffix_names(tmp_path, capsys, suffix, start):
+    write_log(tmp_path / "run" / "log.jsonl", training_log([0.9, 0.7], {0: 0.5, 2: 0.7}, [2]))
+    out = tmp_path / f"curves{suffix}"
+    assert main(["curves", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(start) and capsys.readouterr().out == f"wrote {out}\n"
+
+
+def test_curves_dash_is_a_png_alone_on_stdout(tmp_path, capsysbinary, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a wrong '-' is a file here, not in the repository
+    write_log(tmp_path / "run" / "log.jsonl", training_log([0.9, 0.7], {0: 0.5, 2: 0.7}, [2]))
+    assert main(["curves", str(tmp_path / "run"), "--out", "-"]) == 0
+    out, err = capsysbinary.readouterr()
+    assert out.startswith(b"\x89PNG") and err == b"wrote -\n"
+    with Image.open(io.BytesIO(out)) as png:
+        assert png.format == "PNG" and png.size == (1200, 450)
+
+
+def test_curves_never_go_over_a_runs_files_nor_under_an_unknown_suffix(tmp_path, capsys):
+    """`curves --out run/net_qhead.pth` wrote a PNG over the weights; `--out x.xyz` wrote PNG bytes there."""
+    run, other = tmp_path / "run", tmp_path / "other"
+    write_log(run / "log.jsonl", training_log([0.9, 0.7], {0: 0.5, 2: 0.7}, [2]))
+    write_log(other / "log.jsonl", training_log([0.9], {}, []))
+    for folder in (run, other):
+        (folder / "config.json").write_text("{}\n")
+        (folder / "net_qhead.pth").write_bytes(b"weights")
+    (other / "best").mkdir()
+    cases = [(run / "net_qhead.pth", f"it is a file of the training run folder {run}"),
+             (other / "best" / "curves.png", f"it is a file of the training run folder {other}"),
+             (tmp_path / "curves.xyz", "the file name must end in one of .png, .pdf, .svg"),
+             (tmp_path / "curves", "(it has no suffix)")]
+    for out, message in cases:
+        assert main(["curves", str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out}: cannot write") and err.count("\n") == 1 and message in err, err
+    assert (run / "net_qhead.pth").read_bytes() == b"weights" == (other / "net_qhead.pth").read_bytes()
+    assert not (tmp_path / "curves.xyz").exists() and not (other / "best" / "curves.png").exists()
+    assert main(["curves", str(run), "--out", str(run / "curves.svg")]) == 0  # a new name of one's own: fine
 
 
 def test_commands_that_ask_for_no_picture_import_neither_matplotlib_nor_tensorboard(tmp_path):

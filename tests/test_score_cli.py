@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +168,64 @@ def test_pairs_file_with_a_byte_order_mark(setup, tmp_path):
     (images / "bom_pairs.txt").write_bytes("\ufeffa.png,ref.png\nb.png,ref.png\n".encode())
     assert read_pairs(images / "bom_pairs.txt") == [(images / "a.png", images / "ref.png"),
                                                     (images / "b.png", images / "ref.png")]
+
+
+def test_pairs_from_standard_input_or_a_pipe_are_relative_to_the_working_folder(setup, capsys, monkeypatch, tmp_path):
+    """'-', /dev/fd/N of a pipe and /dev/fd/N of a regular file elsewhere: the folder of the path given (/dev/fd) is
+    not where the names point; the working folder is."""
+    paths, images = setup
+    text = "a.png,ref.png\nd2.png,ref2.png\n"
+    monkeypatch.chdir(images)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "pairs.txt").write_text(text)
+    read, write = os.pipe()
+    os.write(write, text.encode())
+    os.close(write)
+    regular = os.open(tmp_path / "lists" / "pairs.txt", os.O_RDONLY)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    try:
+        for pairs in ("-", f"/dev/fd/{read}", f"/dev/fd/{regular}"):
+            code, out, err = run_cli(capsys, "--weights", paths["afine"], "--pairs", pairs, "--json")
+            assert code == 0, err
+            assert [(r["dis"], r["ref"]) for r in map(json.loads, out.splitlines())] == \
+                [("a.png", "ref.png"), ("d2.png", "ref2.png")]
+    finally:
+        os.close(read)
+        os.close(regular)
+    assert read_pairs(tmp_path / "lists" / "pairs.txt")[0] == (tmp_path / "lists" / "a.png",
+                                                               tmp_path / "lists" / "ref.png")  # a file: its folder
+
+
+def test_pairs_from_dev_stdin_in_a_shell_pipe(setup, tmp_path):
+    paths, images = setup
+    proc = subprocess.run([sys.executable, "-m", "afine", "score", "--no-progress", "--json", "--weights",
+                           str(paths["afine"]), "--pairs", "/dev/stdin"], input="a.png,ref.png\n",
+                          capture_output=True, text=True, cwd=images, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (json.loads(proc.stdout)["dis"], json.loads(proc.stdout)["ref"]) == ("a.png", "ref.png")
+
+
+def test_pairs_from_standard_input_or_a_device_are_refused_under_several_processes(setup, monkeypatch):
+    """Under torchrun every process reads the pairs: from one standard input they would split its lines between
+    them, each scoring other pairs."""
+    from afine import score as score_module
+    from afine.errors import AfineError
+
+    paths, images = setup
+    parser = argparse.ArgumentParser()
+    score_module.add_arguments(parser)
+    monkeypatch.setattr(score_module, "world", lambda: (1, 2))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a.png,ref.png\n")))
+    for pairs in ("-", os.devnull):
+        args = parser.parse_args(["--weights", str(paths["afine"]), "--pairs", pairs])
+        with pytest.raises(AfineError) as info:
+            score_module.prepare(args, torch.device("cpu"))
+        assert str(info.value) == f"--pairs {pairs}: standard input, a pipe or a device is read once, not by each " \
+                                  "of 2 processes; give a pairs file"
+    assert sys.stdin.read() == "a.png,ref.png\n"  # not read
+    args = parser.parse_args(["--weights", str(paths["afine"]), "--pairs", str(images / "pairs.txt")])
+    assert len(score_module.prepare(args, torch.device("cpu"))[0]) == 5  # a file each process reads whole
 
 
 # ---------------------------------------------------------------------------------------------- precision, workers

@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,61 @@ def test_unwritable_csv_is_refused_before_scoring_naming_the_file_in_the_way(wei
     code, out, err = score(capsys, weights, "--no-progress", dis, ref, "--csv", target)
     assert (code, out) == (2, "")
     assert err == f"error: {target}: cannot write, {tmp_path / 'file'} is not a folder\n"
+
+
+def test_csv_dash_is_the_csv_alone_on_stdout_and_the_table_goes_to_stderr(weights, folders, capsys, tmp_path,
+                                                                           monkeypatch):
+    dis, ref = folders
+    monkeypatch.chdir(tmp_path)
+    code, table, _ = score(capsys, weights, dis, ref, "--no-progress", "--csv", tmp_path / "scores.csv")
+    assert code == 0
+    code, out, err = score(capsys, weights, dis, ref, "--no-progress", "--csv", "-")
+    assert code == 0 and out == (tmp_path / "scores.csv").read_text()  # the file's bytes, nothing else
+    assert err == table  # the whole table, on stderr
+    code, out_json, err_json = score(capsys, weights, dis, ref, "--no-progress", "--csv", "-", "--json")
+    assert code == 0 and out_json == out
+    rows = [json.loads(line) for line in err_json.splitlines()]  # the JSON lines on stderr, whole
+    assert [r["dis"] for r in rows] == [row["dis"] for row in csv.DictReader(io.StringIO(out))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["references", "results", "scores.csv"]  # no file '-'
+
+
+def test_csv_into_a_fifo_or_a_link_to_the_null_device_is_written_in_place(weights, folders, capsys, tmp_path):
+    from tests.test_atomic import fifo_reader
+
+    dis, ref = folders
+    null, fifo = tmp_path / "null.csv", tmp_path / "pipe"
+    null.symlink_to(os.devnull)
+    os.mkfifo(fifo)
+    code, _, err = score(capsys, weights, dis, ref, "--no-progress", "--csv", null)
+    assert code == 0, err
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode) and os.readlink(null) == os.devnull
+    with fifo_reader(fifo) as read:  # opened first, so the command's write never waits for a reader
+        code, _, err = score(capsys, weights, dis, ref, "--no-progress", "--csv", fifo)
+        assert code == 0, err
+        text = read().decode()
+    assert text.splitlines()[0] == ",".join(["dis", "ref", *TERMS]) and len(text.splitlines()) == 4
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("scores.pth", "the file name must end in .csv for what is written there (it ends in '.pth')"),
+    ("run/best/scores.csv", "it is a file of the training run folder"),
+    ("run/config.json", "it is a file of the training run folder"),
+])
+def test_csv_over_a_training_runs_files_or_under_another_suffix_is_refused(weights, folders, capsys, tmp_path,
+                                                                           monkeypatch, name, message):
+    from afine import score as score_module
+
+    dis, ref = folders
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    for file in ("config.json", "built_on.json", "log.jsonl", "best/best.json"):
+        (run / file).write_text("{}\n")
+    monkeypatch.setattr(score_module, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
+    code, out, err = score(capsys, weights, "--no-progress", dis, ref, "--csv", tmp_path / name)
+    assert (code, out) == (2, "") and err.startswith(f"error: {tmp_path / name}: cannot write") and message in err
+    assert err.count("\n") == 1 and (run / "config.json").read_text() == "{}\n"
+    assert not (tmp_path / name).exists() or name == "run/config.json"
 
 
 @pytest.mark.parametrize("reference", ["folder", "image"])
