@@ -35,7 +35,7 @@ from .atomic import check_writable, write_text
 from .checkpoint import weight_files
 from .download import released_path, released_weights
 from .errors import AfineError, printable, report, warn
-from .evaluation import close_distributed, init_distributed, pick_device, world
+from .evaluation import close_distributed, pick_device, world
 from .folders import image_pairs, listing
 from .image import image_size, load_image
 from .model import AFINE, PRECISIONS, TERMS, load_afine
@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     """Score and print. Under torchrun only rank 0 prints and writes; an error any rank meets is raised on every
     rank (afine.distributed.agree): rank 0 reports it, and the others exit with the same code once it has, since
     torchrun stops every process as soon as one exits."""
-    device = pick_device(args.device, init_distributed(args.device))
+    device = pick_device(args.device)
     rank, size = world()
     d = distributed.Dist(rank=rank, world_size=size, device=device)
     try:

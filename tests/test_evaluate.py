@@ -171,6 +171,18 @@ def test_named_missing_benchmark_and_unknown_name_are_errors(hand, capsys):
     assert code == 2 and "fidelity" in err and out == ""
 
 
+@pytest.mark.parametrize("device", ["meta", "nonsense"])
+def test_a_bad_device_is_one_error_line_before_the_benchmarks_are_read(hand, capsys, monkeypatch, device):
+    run, data, _ = hand
+    monkeypatch.setattr("evaluate.load_benchmark", lambda *a, **k: pytest.fail("a benchmark was read"))
+    code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", data, "--weights", run, "--stage", "1",
+                             "--device", device)
+    assert (code, out) == (2, "")
+    assert err == {"meta": "error: --device meta: the meta device holds no data, nothing can be scored on it (use "
+                           "cpu, cuda or cuda:N)\n",
+                   "nonsense": "error: --device nonsense: not a device name (use cpu, cuda or cuda:N)\n"}[device]
+
+
 # ---------------------------------------------------------------------------------------------- cached == direct
 
 
