@@ -52,7 +52,6 @@ from afine.evaluation import (
     check_model_arguments,
     close_distributed,
     compute_terms,
-    init_distributed,
     item_scores,
     model_files,
     pick_device,
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(args.json, inputs, JSON)
         if args.plots:
             plots.check_plots(args.plots, [b.name for b in benches], inputs)
-        device = pick_device(args.device, init_distributed(args.device))
+        device = pick_device(args.device)
         model = load_afine(args.clip, args.weights, require=STAGE_PARTS[args.stage], default_clip=DEFAULT_CLIP)
         model = model.to(device)
         cache, kept = TermCache(), {}

@@ -45,7 +45,6 @@ from afine.evaluation import (
     add_model_arguments,
     check_model_arguments,
     close_distributed,
-    init_distributed,
     model_files,
     pick_device,
     score_items,
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         items, y, label_files = data(args.data_root)
         inputs = [p for item in items for p in item] + label_files + model_files(args)
         check_writable(args.out, inputs, JSON)  # before the work, not after it, and never over what it reads
-        device = pick_device(args.device, init_distributed(args.device))
+        device = pick_device(args.device)
         model = load_afine(args.clip, args.weights, require=STAGE_PARTS[stage], default_clip=DEFAULT_CLIP).to(device)
         x = score_items(model, items, stage, batch_size=args.batch_size, device=device, workers=args.workers,
                         progress=not args.no_progress, desc=args.mode)

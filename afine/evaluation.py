@@ -340,6 +340,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
+    check_device(args.device)
     if args.batch_size < 1:
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
@@ -357,13 +358,43 @@ def model_files(args: argparse.Namespace) -> list[Path]:
     return weight_files(args.weights) + [Path(args.clip or DEFAULT_CLIP)]
 
 
-def pick_device(requested: str | None, distributed: torch.device | None) -> torch.device:
-    if distributed is not None:
-        return distributed
+USE = "use cpu, cuda or cuda:N"
+
+
+def check_device(requested: str | None) -> torch.device:
+    """The device `--device` names (default: cuda when available, else cpu), or one error line when nothing can
+    be scored on it here: a name torch does not know, the meta device (it holds no data), CUDA without a CUDA
+    device or with an index past the last, a CPU index other than 0, a device type this machine lacks."""
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise AfineError(f"--device {name}: not usable ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, ValueError):
+        raise AfineError(f"--device {name}: not a device name ({USE})") from None
+    if device.type == "meta":
+        raise AfineError(f"--device {name}: the meta device holds no data, nothing can be scored on it ({USE})")
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise AfineError(f"--device {name}: there is one CPU device, cpu or cpu:0")
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise AfineError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+        if (device.index or 0) >= count:
+            raise AfineError(f"--device {name}: no such CUDA device, this machine has {count} "
+                             f"({'cuda:0' if count == 1 else f'cuda:0 to cuda:{count - 1}'})")
+        return device
+    try:  # another type (mps, xpu, ...): usable if it holds a tensor and gives it back
+        torch.ones(1, device=device).cpu()
+    except (RuntimeError, AssertionError, NotImplementedError, ValueError) as e:
+        why = str(e).splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise AfineError(f"--device {name}: not usable here ({why}; {USE})") from None
     return device
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """The device to compute on: `requested` once check_device accepts it, or under torchrun this process's
+    (cuda:LOCAL_RANK, or the CPU; joining torchrun's process group, init_distributed)."""
+    device = check_device(requested)  # before joining: a bad --device is refused whether or not under torchrun
+    joined = init_distributed(requested)
+    return device if joined is None else joined

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -34,9 +35,9 @@ from . import distributed
 from .atomic import CSV, check_writable, printout, write_text
 from .checkpoint import weight_files
 from .download import released_path, released_weights
-from .errors import AfineError, printable, report
-from .evaluation import close_distributed, init_distributed, pick_device, world
-from .folders import image_pairs
+from .errors import AfineError, printable, report, warn
+from .evaluation import close_distributed, pick_device, world
+from .folders import image_pairs, listing
 from .image import image_size, load_image
 from .model import AFINE, PRECISIONS, TERMS, load_afine
 
@@ -109,18 +110,56 @@ def check_pairs(pairs: list[tuple[Path, Path]]) -> list[tuple[int, int]]:
     return sizes
 
 
-def load_batch(pairs: list[tuple[Path, Path]], batch: list[int],
-               pin: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode one batch: test images, its distinct references, and each test image's reference index.
+class Batch(NamedTuple):
+    """One decoded batch: the pairs that decoded as planned (`scored`), their test images, their distinct
+    references, each test image's reference index; and the pairs left out (`unscored`: pair index -> why)."""
+    scored: list[int]
+    dis: torch.Tensor
+    refs: torch.Tensor
+    ref_index: torch.Tensor
+    unscored: dict[int, str]
+
+
+def decode(path: Path, size: tuple[int, int]) -> torch.Tensor | str:
+    """The image, or why it cannot be scored: unreadable, or not the size its header had when the pairs were
+    checked (a file changed during the run)."""
+    try:
+        image = load_image(path, warn_size=False)  # check_pairs warned from the header
+    except AfineError as e:
+        why = str(e)
+        return why[len(f"{path}: "):] if why.startswith(f"{path}: ") else why
+    if tuple(image.shape[-2:]) != tuple(size):
+        return (f"changed during the run: {image.shape[-1]}x{image.shape[-2]} now, {size[1]}x{size[0]} when "
+                f"checked")
+    return image
+
+
+def load_batch(pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], batch: list[int],
+               pin: bool = False) -> Batch:
+    """Decode one batch. A pair whose test image or reference is unreadable or has changed size since
+    check_pairs read its header is left out, so the rest of the batch and of the run are still scored.
 
     `pin` puts the images in pinned memory, for an asynchronous copy to a CUDA device."""
-    refs = list(dict.fromkeys(pairs[i][1] for i in batch))
+    planned = {path: sizes[i] for i in batch for path in pairs[i]}  # each distinct image decoded once
+    images = {path: decode(path, size) for path, size in planned.items()}
+    scored, unscored = [], {}
+    for i in batch:
+        dis, ref = pairs[i]
+        if isinstance(images[dis], str):
+            unscored[i] = f"{dis} ({images[dis]})"
+        elif isinstance(images[ref], str):
+            unscored[i] = f"{dis} (its reference {ref}: {images[ref]})"
+        else:
+            scored.append(i)
+    refs = list(dict.fromkeys(pairs[i][1] for i in scored))
     where = {ref: j for j, ref in enumerate(refs)}
-    dis = torch.stack([load_image(pairs[i][0]) for i in batch])
-    refs = torch.stack([load_image(r) for r in refs])
+    if not scored:
+        return Batch([], torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long), unscored)
+    dis = torch.stack([images[pairs[i][0]] for i in scored])
+    refs = torch.stack([images[r] for r in refs])
     if pin:
         dis, refs = dis.pin_memory(), refs.pin_memory()
-    return dis, refs, torch.tensor([where[pairs[i][1]] for i in batch])
+    return Batch(scored, dis, refs, torch.tensor([where[pairs[i][1]] for i in scored]), unscored)
 
 
 def default_workers(device: torch.device) -> int:
@@ -131,21 +170,21 @@ def default_workers(device: torch.device) -> int:
     return max(2, min(8, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def decoded_batches(pairs: list[tuple[Path, Path]], batches: list[list[int]], workers: int,
-                    pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def decoded_batches(pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], batches: list[list[int]],
+                    workers: int, pin: bool = False) -> Iterator[Batch]:
     """The batches decoded, in order: `workers` threads decode the next batches while the model runs, one batch
     each (0: each batch is decoded when it is due). Threads rather than DataLoader processes: Pillow and torch
     release the GIL while they work, threads hand their tensors over without a copy and start at once, and they
     measured faster (README, "Speed")."""
     if workers == 0:
-        yield from (load_batch(pairs, batch, pin) for batch in batches)
+        yield from (load_batch(pairs, sizes, batch, pin) for batch in batches)
         return
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        pending = deque(pool.submit(load_batch, pairs, batch, pin) for batch in batches[:workers])
+        pending = deque(pool.submit(load_batch, pairs, sizes, batch, pin) for batch in batches[:workers])
         for batch in batches[workers:]:
             ready = pending.popleft().result()
-            pending.append(pool.submit(load_batch, pairs, batch, pin))
+            pending.append(pool.submit(load_batch, pairs, sizes, batch, pin))
             yield ready
         while pending:
             yield pending.popleft().result()
@@ -156,27 +195,31 @@ def decoded_batches(pairs: list[tuple[Path, Path]], batches: list[list[int]], wo
 @torch.inference_mode()
 def score_share(model: AFINE, pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], batch_size: int,
                 device: torch.device, precision: str, workers: int, progress: bool, rank: int = 0,
-                size: int = 1) -> dict[int, list[float]]:
+                size: int = 1) -> tuple[dict[int, list[float]], dict[int, str]]:
     """The five terms of process `rank`'s share of the pairs (batches rank, rank + size, ... of the plan), by
-    pair index; the progress bar counts pairs."""
+    pair index, and the pairs of that share left unscored (load_batch), with why; the progress bar counts pairs."""
     batches = plan_batches(pairs, sizes, batch_size)[rank::size]
-    results = {}
+    results, unscored = {}, {}
     with tqdm(total=sum(map(len, batches)), desc="scoring", unit="pair", disable=not progress,
               file=sys.stderr) as bar:
-        for batch, (dis, refs, ref_index) in zip(batches, decoded_batches(pairs, batches, workers,
-                                                                          pin=device.type == "cuda")):
-            terms = model.score(dis.to(device, non_blocking=True), refs.to(device, non_blocking=True), ref_index,
-                                precision=precision)
-            results.update(zip(batch, torch.stack([terms[t] for t in TERMS], dim=1).double().cpu().tolist()))
-            bar.update(len(batch))
-    return results
+        for batch in decoded_batches(pairs, sizes, batches, workers, pin=device.type == "cuda"):
+            unscored.update(batch.unscored)
+            if batch.scored:
+                terms = model.score(batch.dis.to(device, non_blocking=True), batch.refs.to(device, non_blocking=True),
+                                    batch.ref_index, precision=precision)
+                results.update(zip(batch.scored,
+                                   torch.stack([terms[t] for t in TERMS], dim=1).double().cpu().tolist()))
+            bar.update(len(batch.scored) + len(batch.unscored))
+    return results, unscored
 
 
 def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 8,
                 device: str | torch.device = "cpu", progress: bool = True, precision: str = "fp32",
-                workers: int = 2, sizes: list[tuple[int, int]] | None = None) -> list[dict[str, float]]:
-    """The five terms for every pair, in input order; `workers` threads decode the next batches while CLIP runs.
-    `sizes`: the pairs' image sizes, if check_pairs already read them.
+                workers: int = 2, sizes: list[tuple[int, int]] | None = None
+                ) -> tuple[dict[int, dict[str, float]], dict[int, str]]:
+    """The five terms of every pair scored, by pair index, and the pairs left unscored, with why (an image
+    unreadable or changed in size since its header was checked: load_batch); `workers` threads decode the next
+    batches while CLIP runs. `sizes`: the pairs' image sizes, if check_pairs already read them.
 
     Under torchrun (afine.evaluation.init_distributed) process r of R scores batches r, r + R, ... of the plan
     and every process gets every result: the batches, and so the values, are those of one process.
@@ -186,8 +229,11 @@ def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 
     sizes = check_pairs(pairs) if sizes is None else sizes
     mine = distributed.agree(d, score_share, model, pairs, sizes, batch_size, torch.device(device), precision,
                              workers, progress and rank == 0, rank, size)
-    values = {i: row for part in distributed.gather_objects(d, mine) for i, row in part.items()}
-    return [dict(zip(TERMS, values[i])) for i in range(len(pairs))]
+    parts = distributed.gather_objects(d, mine)
+    values = {i: row for part, _ in parts for i, row in part.items()}
+    unscored = {i: why for _, part in parts for i, why in part.items()}
+    return ({i: dict(zip(TERMS, values[i])) for i in range(len(pairs)) if i in values},
+            {i: unscored[i] for i in sorted(unscored)})
 
 
 def check_finite(pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
@@ -260,17 +306,20 @@ def run(args: argparse.Namespace) -> int:
     """Score and print. Under torchrun only rank 0 prints and writes; an error any rank meets is raised on every
     rank (afine.distributed.agree): rank 0 reports it, and the others exit with the same code once it has, since
     torchrun stops every process as soon as one exits."""
-    device = pick_device(args.device, init_distributed(args.device))
+    device = pick_device(args.device)
     rank, size = world()
     d = distributed.Dist(rank=rank, world_size=size, device=device)
     try:
         with silenced(rank != 0):
             try:
                 pairs, sizes, model = distributed.agree(d, prepare, args, device)
-                results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress,
-                                      precision=args.precision,
-                                      workers=default_workers(device) if args.workers is None else args.workers,
-                                      sizes=sizes)
+                scores, unscored = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress,
+                                               precision=args.precision, sizes=sizes,
+                                               workers=default_workers(device) if args.workers is None
+                                               else args.workers)
+                if not scores:
+                    raise AfineError(f"no pair scored: {listing(list(unscored.values()))}")
+                pairs, results = [pairs[i] for i in scores], list(scores.values())
                 check_finite(pairs, results)
             except AfineError as e:
                 if size == 1:
@@ -281,9 +330,30 @@ def run(args: argparse.Namespace) -> int:
                 return 2
         if rank == 0:
             write_results(args, pairs, results)
+        if unscored:  # after the scores of the others, never instead of them
+            return left_out(args, unscored, len(results), d)
     finally:
         close_distributed()
     return 0
+
+
+def left_out(args: argparse.Namespace, unscored: dict[int, str], scored: int, d: distributed.Dist) -> int:
+    """Report the pairs left unscored (an image unreadable or changed since its header was checked) once the
+    others' scores are out: an error (exit 2), or with --skip-unpaired a warning listing them like the images
+    skipped for want of a partner (exit 0)."""
+    entries = listing(list(unscored.values()))
+    if args.skip_unpaired:
+        if d.rank == 0:
+            warn(f"skipped {len(unscored)} image(s): {entries}")
+        return 0
+    hint = "; --skip-unpaired makes this a warning" if not args.pairs and Path(args.images[0]).is_dir() else ""
+    error = AfineError(f"{len(unscored)} pair(s) not scored (the {scored} others are in the output): {entries}{hint}")
+    if not d.active:
+        raise error
+    if d.rank == 0:
+        report(error)
+    distributed.barrier(d)
+    return 2
 
 
 def prepare(args: argparse.Namespace,

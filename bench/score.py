@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from afine import synth  # noqa: E402
 from afine.checkpoint import save_afine  # noqa: E402
 from afine.model import load_afine  # noqa: E402
-from afine.score import decoded_batches, load_batch, plan_batches, score_pairs  # noqa: E402
+from afine.score import check_pairs, decoded_batches, load_batch, plan_batches, score_pairs  # noqa: E402
 from bench.train import random_b32  # noqa: E402
 
 SCENES = 4  # distinct scenes (1.6 s each to make); the pairs' files are all distinct
@@ -68,25 +68,26 @@ def make_pairs(folder: Path, n: int, height: int, width: int, suffix: str) -> li
 class Batches(torch.utils.data.Dataset):
     """Batch i decoded by load_batch: the DataLoader-process alternative to the score command's threads."""
 
-    def __init__(self, pairs, batches, pin: bool):
-        self.pairs, self.batches, self.pin = pairs, batches, pin
+    def __init__(self, pairs, sizes, batches, pin: bool):
+        self.pairs, self.sizes, self.batches, self.pin = pairs, sizes, batches, pin
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int):
-        return load_batch(self.pairs, self.batches[i], self.pin)
+        return load_batch(self.pairs, self.sizes, self.batches[i], self.pin)
 
 
 def decode_rate(pairs, batch_size: int, workers: int, kind: str, pin: bool) -> tuple[float, float]:
     """Decoding alone (nothing done with the batches) by `workers` threads or DataLoader processes: pairs per
     second after the first batch, and the seconds to the first batch (starting the workers included)."""
-    batches = plan_batches(pairs, [(0, 0)] * len(pairs), batch_size)
+    sizes = check_pairs(pairs)
+    batches = plan_batches(pairs, sizes, batch_size)
     if kind == "threads":
-        decoded = decoded_batches(pairs, batches, workers, pin)
+        decoded = decoded_batches(pairs, sizes, batches, workers, pin)
     else:
-        decoded = torch.utils.data.DataLoader(Batches(pairs, batches, False), batch_size=None, num_workers=workers,
-                                              pin_memory=pin)
+        decoded = torch.utils.data.DataLoader(Batches(pairs, sizes, batches, False), batch_size=None,
+                                              num_workers=workers, pin_memory=pin)
     start = time.perf_counter()
     for i, _ in enumerate(decoded):
         if i == 0:

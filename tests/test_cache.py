@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -244,6 +245,36 @@ def test_a_rewritten_image_gets_a_new_entry_even_with_its_size_and_time_set_back
     os.replace(moved, image)
     fourth = open_entry(shared, data, tiny_model).folder
     assert len({first, second, third, fourth}) == 4 and len(list(shared.glob("scores-val-*"))) == 4
+
+
+@pytest.mark.parametrize("field", ["st_ino", "st_size", "st_mtime_ns", "st_ctime_ns"])
+def test_the_key_changes_with_each_stat_field_of_an_image_alone(tmp_path, monkeypatch, field):
+    """The key from a faked stat of one image (Path.stat, which cache_key reads) with one field changed and the
+    others as they are: each of inode, size, modification time and change time alone gives another key; the
+    same stat gives the same key, and so does another access time (reading an image must not invalidate)."""
+    test, ref = tmp_path / "test.png", tmp_path / "ref.png"
+    test.write_bytes(b"test image")
+    ref.write_bytes(b"reference")
+    table = cache.PairTable([(test, ref)], [ref], np.zeros(1, dtype=np.int64), np.zeros((0, 3), dtype=np.int64),
+                            np.zeros(0, dtype=np.float32), np.zeros(1, dtype=np.int64))
+    real_stat, changed = Path.stat, {}
+
+    def faked_stat(self, *args, **kwargs):
+        st = real_stat(self, *args, **kwargs)
+        fields = {name: getattr(st, name) for name in dir(st) if name.startswith("st_")}
+        return SimpleNamespace(**{**fields, **changed}) if self == test else st
+
+    monkeypatch.setattr(Path, "stat", faked_stat)
+
+    def key() -> str:
+        return cache.cache_key(cache.SCORES, table, {"net.pth": "0" * 64}, "fp32", 1)
+
+    before = key()
+    assert key() == before  # a stat alone: no clock, no randomness in the key
+    changed["st_atime_ns"] = real_stat(test).st_atime_ns + 10**9
+    assert key() == before
+    changed[field] = getattr(real_stat(test), field) + 1
+    assert key() != before
 
 
 def test_a_damaged_npy_header_is_rebuilt_with_a_warning(square, tiny_model, tmp_path, capsys):

@@ -171,6 +171,18 @@ def test_named_missing_benchmark_and_unknown_name_are_errors(hand, capsys):
     assert code == 2 and "fidelity" in err and out == ""
 
 
+@pytest.mark.parametrize("device", ["meta", "nonsense"])
+def test_a_bad_device_is_one_error_line_before_the_benchmarks_are_read(hand, capsys, monkeypatch, device):
+    run, data, _ = hand
+    monkeypatch.setattr("evaluate.load_benchmark", lambda *a, **k: pytest.fail("a benchmark was read"))
+    code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", data, "--weights", run, "--stage", "1",
+                             "--device", device)
+    assert (code, out) == (2, "")
+    assert err == {"meta": "error: --device meta: the meta device holds no data, nothing can be scored on it (use "
+                           "cpu, cuda or cuda:N)\n",
+                   "nonsense": "error: --device nonsense: not a device name (use cpu, cuda or cuda:N)\n"}[device]
+
+
 # ---------------------------------------------------------------------------------------------- cached == direct
 
 
@@ -548,6 +560,43 @@ def test_names_that_carry_no_group_give_one_bar_or_the_scatter_alone(corpus, han
     for name in ("diffiqa-psy", "MyIQA"):  # one 6.4 x 4.8 in panel
         with Image.open(tmp_path / f"{name}.png") as png:
             assert png.size == (640, 480)
+
+
+def test_the_mos_panel_draws_the_fitted_logistic_over_the_scores_and_titles_srcc_then_plcc(tmp_path, monkeypatch):
+    """The MOS panel of a set of 40 images whose MOS follow a logistic of -score plus noise: the scatter is
+    (score, MOS), the line is the 4-parameter logistic fitted here with scipy, drawn over the score range, and
+    the title holds SRCC and PLCC computed here with scipy (0.758 and 0.950: apart, so a swap shows)."""
+    from scipy import optimize, stats
+
+    from afine import plots
+    from afine.benchmarks import Benchmark
+    from afine.metrics import correlations
+
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-2, 3, 40)  # scores, lower is better
+    mos = 1 + 4 / (1 + np.exp((x + 0.5) / 0.6)) + rng.normal(0, 0.4, 40)
+    images = [tmp_path / f"{k}.png" for k in range(40)]
+    bench = Benchmark("MyIQA", [], [], [], np.zeros(0), images, [tmp_path / "ref.png"] * 40, mos)
+    drawn = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: drawn.append(fig))
+    plots.benchmark_plot(bench, dict(zip(zip(images, bench.mos_refs), x)), correlations(x, mos), "A-FINE D",
+                         tmp_path / "MyIQA.png")
+    [ax] = drawn[0].axes  # no pairs: the MOS panel alone
+
+    def logistic(t, b1, b2, b3, b4):
+        return (b1 - b2) / (1 + np.exp(-(t - b3) / abs(b4))) + b2
+
+    fitted, _ = optimize.curve_fit(logistic, -x, mos, p0=[mos.max(), mos.min(), -x.mean(), x.std()], method="trf")
+    srcc, plcc = stats.spearmanr(-x, mos)[0], stats.pearsonr(logistic(-x, *fitted), mos)[0]
+    assert abs(srcc - plcc) > 0.1
+    assert ax.get_title() == f"MyIQA: SRCC {srcc:.3f}, PLCC {plcc:.3f} (40 images)"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("A-FINE D (lower is better)", "MOS (higher is better)")
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), np.column_stack([x, mos]))
+    [line] = [line for line in ax.lines if line.get_label() == "4-parameter logistic fit"]
+    grid = np.linspace(x.min(), x.max(), 200)
+    np.testing.assert_allclose(line.get_xdata(), grid)
+    np.testing.assert_allclose(line.get_ydata(), logistic(-grid, *fitted), atol=1e-4)
+    assert line.get_ydata()[0] > line.get_ydata()[-1] + 3  # high MOS at low scores: falling from left to right
 
 
 def test_plots_without_matplotlib_or_a_writable_folder_fail_before_the_work(hand, capsys, tmp_path, monkeypatch):

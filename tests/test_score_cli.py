@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 
 from afine.__main__ import main
+from afine.errors import AfineError
+from afine.evaluation import check_device
 from afine.image import load_image, preprocess
 from afine.model import AFINE, TERMS, load_afine
 from afine.score import read_pairs
@@ -320,3 +322,60 @@ def test_low_precision_features(setup, precision, bound):
     assert 0 < error < bound
     with torch.no_grad(), torch.autocast("cpu", dtype=DTYPES[precision]):  # a caller's own autocast still applies
         assert torch.equal(model.encode(x)[1], fl)
+
+
+def cuda_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda:7", "garbage", "cuda:-1", "cpu:3"])
+def test_a_device_nothing_can_be_scored_on_is_one_error_line_before_the_work(setup, capsys, monkeypatch, device):
+    """--device is checked before anything is read or loaded: each of these is one line naming the device."""
+    if device == "cuda:7" and cuda_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    paths, images = setup
+    monkeypatch.setattr("afine.score.load_afine", lambda *a, **k: pytest.fail("the weights were loaded"))
+    code, out, err = run_cli(capsys, "--weights", paths["afine"], "--device", device, images / "a.png",
+                             images / "ref.png")
+    n = cuda_count()
+    culprit = {"meta": "the meta device holds no data, nothing can be scored on it (use cpu, cuda or cuda:N)",
+               "cuda:7": f"no such CUDA device, this machine has {n} (cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})"
+                         if n else "no CUDA device is available here (use --device cpu)",
+               "garbage": "not a device name (use cpu, cuda or cuda:N)",
+               "cuda:-1": "not a device name (use cpu, cuda or cuda:N)",
+               "cpu:3": "there is one CPU device, cpu or cpu:0"}[device]
+    assert (code, out, err) == (2, "", f"error: --device {device}: {culprit}\n")
+
+
+def test_a_cuda_index_is_checked_against_the_devices_there_are(monkeypatch):
+    """With two CUDA devices (faked: the check reads only their count), cuda, cuda:0 and cuda:1 are accepted and
+    cuda:2 is refused; without CUDA, plain cuda is refused too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [check_device(name) for name in ("cuda", "cuda:0", "cuda:1", "cpu", "cpu:0")] == [
+        torch.device("cuda"), torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu"),
+        torch.device("cpu", 0)]
+    assert check_device(None) == torch.device("cuda")  # the default where CUDA is available
+    with pytest.raises(AfineError, match=r"^--device cuda:2: no such CUDA device, this machine has 2 \(cuda:0 to "
+                                         r"cuda:1\)$"):
+        check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert check_device(None) == torch.device("cpu")
+    with pytest.raises(AfineError, match=r"^--device cuda: no CUDA device is available here \(use --device cpu\)$"):
+        check_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_device_there_is_scores_like_the_cpu(setup, capsys):
+    paths, images = setup
+    rows = {}
+    for device in ("cpu", f"cuda:{cuda_count() - 1}"):
+        code, out, err = run_cli(capsys, "--weights", paths["afine"], "--device", device, "--json",
+                                 "--pairs", images / "pairs.txt")
+        assert code == 0, err
+        rows[device] = [json.loads(line) for line in out.splitlines()]
+    cpu, cuda = rows.values()
+    assert [(r["dis"], r["ref"]) for r in cuda] == [(r["dis"], r["ref"]) for r in cpu]
+    tolerance = {t: 1.0 if t == "afine_all_scale" else 0.1 for t in TERMS}  # TF32 convolutions, as for bf16 above
+    assert all(abs(a[t] - b[t]) <= tolerance[t] for a, b in zip(cpu, cuda) for t in TERMS)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from afine import score as score_module
 from afine.__main__ import main
 from afine.image import load_image
 from afine.model import TERMS, load_afine
@@ -356,3 +357,69 @@ def test_names_that_are_not_utf8_are_escaped_in_table_csv_and_json(weights, fold
     (ref / odd).unlink()
     code, out, err = score(capsys, weights, "--no-progress", dis, ref)
     assert code == 2 and f"{dis}/{shown} (no reference" in err and "\\udc" not in err
+
+
+@pytest.mark.parametrize("change", ["test image resized", "reference resized", "test image cut short"])
+@pytest.mark.parametrize("batch_size, workers", [(3, "0"), (1, "2")])
+def test_an_image_changed_after_the_header_check_loses_only_its_pair(weights, folders, capsys, monkeypatch, tmp_path,
+                                                                     change, batch_size, workers):
+    """An image rewritten between the header check and its decoding (the file rewritten by a hook run when the
+    model loads, after every header was read): the other pairs are scored, printed and written as in a run
+    without the change; the one error line names the file; --skip-unpaired makes it a warning and exit 0."""
+    dis, ref = folders
+    args = ["--no-progress", "--json", "--batch-size", batch_size, "--workers", workers, dis, ref]
+    code, out, err = score(capsys, weights, *args)
+    assert code == 0, err
+    clean = {Path(r["dis"]).name: r for r in map(json.loads, out.splitlines())}
+    changed = {"test image resized": dis / "b.jpg", "reference resized": ref / "b.png",
+               "test image cut short": dis / "b.jpg"}[change]
+    original = changed.read_bytes()
+    real_load = score_module.load_afine
+
+    def rewrite_then_load(*a, **k):
+        if change == "test image cut short":
+            changed.write_bytes(original[:len(original) // 2])
+        else:
+            save(changed, np.full((24, 32, 3), 128.0))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(score_module, "load_afine", rewrite_then_load)
+    why = {"test image resized": f"{dis / 'b.jpg'} (changed during the run: 32x24 now, 48x40 when checked)",
+           "reference resized": f"{dis / 'b.jpg'} (its reference {ref / 'b.png'}: changed during the run: 32x24 "
+                                f"now, 48x40 when checked)",
+           "test image cut short": f"{dis / 'b.jpg'} (cannot read image ("}[change]
+    for skip in (False, True):
+        changed.write_bytes(original)
+        code, out, err = score(capsys, weights, *args, *(["--skip-unpaired"] if skip else []),
+                               "--csv", tmp_path / "scores.csv")
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert [Path(r["dis"]).name for r in rows] == ["a.png", "c.png"]
+        assert rows == [clean["a.png"], clean["c.png"]]
+        with open(tmp_path / "scores.csv", newline="") as f:
+            assert [Path(r["dis"]).name for r in csv.DictReader(f)] == ["a.png", "c.png"]
+        assert len(err.splitlines()) == 1 and why in err
+        if skip:
+            assert code == 0 and err.startswith(f"warning: skipped 1 image(s): {why}")
+        else:
+            assert code == 2 and err.startswith(f"error: 1 pair(s) not scored (the 2 others are in the output): "
+                                                f"{why}")
+            assert err.endswith("; --skip-unpaired makes this a warning\n")
+        (tmp_path / "scores.csv").unlink()
+
+
+def test_no_pair_left_to_score_is_an_error_and_no_output(weights, folders, capsys, monkeypatch, tmp_path):
+    dis, ref = folders
+    real_load = score_module.load_afine
+
+    def rewrite_then_load(*a, **k):
+        save(ref / "a.png", np.zeros((8, 8, 3)))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(score_module, "load_afine", rewrite_then_load)
+    code, out, err = score(capsys, weights, "--no-progress", dis, ref / "a.png", "--skip-unpaired",
+                           "--csv", tmp_path / "scores.csv")
+    assert (code, out) == (2, "") and not (tmp_path / "scores.csv").exists()
+    assert err == f"error: no pair scored: {dis / 'a.png'} (its reference {ref / 'a.png'}: changed during the run: " \
+                  f"8x8 now, 48x40 when checked), {dis / 'b.jpg'} (its reference {ref / 'a.png'}: changed during " \
+                  f"the run: 8x8 now, 48x40 when checked), {dis / 'c.png'} (its reference {ref / 'a.png'}: changed " \
+                  f"during the run: 8x8 now, 48x40 when checked)\n"
