@@ -3,7 +3,7 @@
 A crash or kill leaves either the old file or the new one, never a half-written file. A failed write (disk
 full, no permission, read-only folder, target is a folder) is a one-line AfineError naming the file; the old
 file stays as it was and no temp file is left behind. `check_writable` tells before long work starts, and
-refuses an output that is one of the command's inputs (README, "Output files and file names").
+refuses an output that is one of the command's inputs (docs/scoring.md, "Output files and file names").
 `atomic_folder` does for a whole new folder what atomic_write does for a file.
 """
 
