@@ -6,9 +6,10 @@
 2. train stage 1 (CLIP + naturalness head) of a tiny randomly initialised model
 3. fit the stage-3 NR-mapping start on the PIPAL-like training MOS (fit_gamma.py nr)
 4. train stage 2 (fidelity head) and stage 3 (mappings + adapter) the published way: on cached statistics of the
-   frozen CLIP (`cache: true`, README "Cached statistics")
+   frozen CLIP (`cache: true`, docs/training.md, "Cached statistics")
 5. evaluate the untrained and the trained model on every synthetic benchmark (evaluate.py --bench all); with
-   matplotlib, pictures: the three stages' training curves and a PNG per benchmark (README, "Curves and plots")
+   matplotlib, pictures: the three stages' training curves and a PNG per benchmark (docs/training.md, "Curves";
+   docs/evaluation.md, "Evaluation plots")
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ INTRO = """\
 A-FINE demo: the full pipeline on a synthetic corpus with a tiny random CLIP (CPU, a few minutes).
 Accuracies here only show that the pipeline learns; real A-FINE scores need OpenAI's CLIP weights
 (ViT-B-32.pt, e.g. data/ViT-B-32.pt) and the datasets (DiffIQA, KADID10K, PIPAL, TID2013, SRIQA-Bench)
-under one data root such as data/ - see README.md, "Prepare the datasets" and "Train the three stages".
+under one data root such as data/ - see docs/datasets.md and docs/training.md.
 """
 
 
@@ -95,7 +96,7 @@ def main() -> None:
 
     step("4/5 stages 2 and 3: fidelity head, then mappings and adapter, the published way: every distinct image\n"
          "    goes through the frozen CLIP once per augmentation, and the steps train on those cached statistics\n"
-         "    (cache: true in configs/demo_s2.json and demo_s3.json; README, 'Cached statistics')")
+         "    (cache: true in configs/demo_s2.json and demo_s3.json; docs/training.md, 'Cached statistics')")
     run("train_stage2.py", "--config", "configs/demo_s2.json", f"--data_root={data}", f"--out_dir={out / 's2'}",
         f"--stage1_dir={out / 's1'}", f"--seed={seed}")
     run("train_stage3.py", "--config", "configs/demo_s3.json", f"--data_root={data}", f"--out_dir={out / 's3'}",
@@ -136,7 +137,7 @@ def main() -> None:
     if below:
         print(f"(stage {', '.join(below)} ended below its step-0 validation on this seed. The tiny CLIP, trained from\n"
               " scratch, learns a naturalness that carries over only in part to the held-out references, and\n"
-              " stage 3 learns how much to trust it; README, 'The demo')")
+              " stage 3 learns how much to trust it; docs/training.md, 'The demo')")
     print("(the untrained model's naturalness head is flat, so it ranks by fidelity alone; that fails where the\n"
           " reference is worse than the images under test - DiffIQA's P images, SR results that beat SRIQA's\n"
           " Original photo - which is what A-FINE's training fixes. diffiqa-nyy pairs each image with its own\n"

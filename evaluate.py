@@ -1,4 +1,4 @@
-"""2AFC accuracy of an A-FINE model on the published benchmarks (README, "Evaluate"), in one run.
+"""2AFC accuracy of an A-FINE model on the published benchmarks (docs/evaluation.md), in one run.
 
     python evaluate.py --bench all              # data/, data/afine.pth (and data/ViT-B-32.pt if it holds no CLIP)
     python evaluate.py --bench all --data-root ROOT --clip ViT-B-32.pt --weights afine.pth
@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 4 evaluate.py --bench all --data-root ROOT --weights afine.pth
 
 --precision bf16 (or fp16) runs CLIP under autocast, the heads in float32: faster where the hardware has it,
-with scores off by a little (README, "Precision"); the default fp32 is exact.
+with scores off by a little (docs/scoring.md, "Precision"); the default fp32 is exact.
 --weights is a merged afine.pth or a run folder (a stage-2/3 run folder chains to its earlier stages through
 its config.json); --clip is needed only when the weights hold no fine-tuned CLIP. The score is the raw
 naturalness N for --stage 1, the raw fidelity F for --stage 2, and D for --stage 3 (default, released models).
@@ -26,7 +26,7 @@ so agreement is positive; SRIQA scenes pooled). The stage-1 score of an image ig
 for the evaluated benchmarks (skipped ones are left out).
 --plots DIR writes DIR/<benchmark>.png (needs matplotlib): for MOS-labelled sets the score against MOS with the
 fitted logistic, SRCC and PLCC; the 2AFC accuracy per SR method (SRIQA) or per distortion type where the file
-names carry it (README, "Curves and plots").
+names carry it (docs/evaluation.md, "Evaluation plots").
 """
 
 from __future__ import annotations

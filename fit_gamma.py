@@ -1,4 +1,4 @@
-"""fit_gamma (README, "Fit the NR mapping"): the stage-3 starting NR mapping, and the final 0..100 scale.
+"""fit_gamma: the stage-3 starting NR mapping, and the final 0..100 scale (docs/training.md, "Fit the NR mapping").
 
     python fit_gamma.py nr --data-root ROOT --weights runs/s1 [--clip ViT-B-32.pt] --out gamma.json
     python fit_gamma.py scale --data-root ROOT --weights runs/s3 [--clip ViT-B-32.pt] --out scale.json

@@ -6,7 +6,7 @@
 Each triplet (x1, x2, y) is ranked by raw naturalness N (lower is better) in all three pairs:
 loss = L(p12, g12) + L(p1y, g1y) + L(p2y, g2y), averaged over the global batch. Every distinct image
 of a micro-batch goes through CLIP once. AdamW groups `clip` and `natural`. The run folder gets the
-official `clip_model.pth` (a plain full CLIP state dict) and `net_qhead.pth` (README, "Train the three stages").
+official `clip_model.pth` (a plain full CLIP state dict) and `net_qhead.pth` (docs/training.md).
 """
 
 from __future__ import annotations

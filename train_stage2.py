@@ -6,7 +6,7 @@
 Each triplet is ranked by raw fidelity F(x1, y) vs F(x2, y) (lower is better): loss L(p12, g12),
 averaged over the global batch. CLIP runs without autograd, every distinct image of a micro-batch once;
 with `cache: true` (the published config) every distinct image and augmentation goes through CLIP once before
-training, and the steps read the pairs' S1, S2 from the cache (README, "Cached statistics"). AdamW group
+training, and the steps read the pairs' S1, S2 from the cache (docs/training.md, "Cached statistics"). AdamW group
 `fidelity`. The run folder gets the official `net_dhead.pth`; its config.json names the
 stage-1 folder (`stage1_dir`), so `load_afine(None, out_dir, ...)` finds the CLIP there, and built_on.json
 records the digest of the CLIP it was trained on.

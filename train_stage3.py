@@ -7,7 +7,7 @@ Each triplet is ranked by D(x1, y) vs D(x2, y) (lower is better), D = F + exp(k 
 with mapped N and F: loss L(p12, g12), averaged over the global batch. CLIP and both heads are frozen
 and run without autograd (every distinct image of a micro-batch once); with `cache: true` (the published
 config) N_raw and F_raw of every distinct (pair, augmentation) are computed once before training and the steps
-read them (README, "Cached statistics"). Only the five mapping/adapter scalars train, AdamW groups
+read them (docs/training.md, "Cached statistics"). Only the five mapping/adapter scalars train, AdamW groups
 `natural_scale`, `fidelity_scale`, `adapter`. The NR mapping starts at (nr_yita3, nr_yita4) or at fit_gamma's
 {"yita3", "yita4"} (nr_init_file); the FR mapping at (0.5, 0.15), k at 5. The run folder gets
 `net_scale_nr.pth`, `net_scale_fr.pth`, `net_finalscore.pth` and the merged `afine.pth`; built_on.json

@@ -1,4 +1,4 @@
-"""A-FINE as a training loss for restoration and super-resolution networks (README, "A-FINE as a training loss").
+"""A-FINE as a training loss for restoration and super-resolution networks (docs/loss.md).
 
     criterion = AFINELoss("afine.pth", term="afine_all")
     loss = l1(output, gt) + w * criterion(output, gt)

@@ -9,8 +9,8 @@ is never replaced by a file of ours. '-' is standard output. A dangling link, or
 A failed write (disk full, no permission, read-only folder, target is a folder) is a one-line AfineError naming
 the file; the old file stays as it was and no temp file is left behind. `check_writable` tells before long work
 starts, and refuses an output that is one of the command's inputs, a file of a training run folder, or a name
-whose suffix is not the format written (README, "Output files and file names"). `atomic_folder` does for a whole
-new folder what atomic_write does for a file.
+whose suffix is not the format written (docs/scoring.md, "Output files and file names"). `atomic_folder`
+does for a whole new folder what atomic_write does for a file.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .errors import AfineError
 
 STDOUT = "-"  # as an output file name: standard output
 
-# Suffixes an output's name must have for the format written (README, "Output files and file names").
+# Suffixes an output's name must have for the format written (docs/scoring.md, "Output files and file names").
 CSV = (".csv",)
 JSON = (".json",)
 TEXT = (".txt",)  # label lists: MOS lists, triplet lists

@@ -7,7 +7,8 @@ R takes the r-th of R equal slices, so which triplets make up step t does not de
 slice, a rank groups the triplets by image shape (after the epoch's augmentation) and cuts each group into
 micro-batches of at most `micro_batch` images: full-size images, no crop, no padding. The training loop
 sums the micro-batches' loss gradients divided by the global batch size and sums them over ranks: the
-gradient of the mean loss over the whole global batch (README, "Where this project differs").
+gradient of the mean loss over the whole global batch (docs/training.md, "Batches"; the README, "How this differs
+from the official release").
 
 Triplets are addressed as (epoch, index) keys, so a DataLoader can run across epochs and its workers
 apply each epoch's augmentation without being told the epoch.

@@ -1,4 +1,4 @@
-"""The published 2AFC benchmarks (README, "Evaluate"): which label file each reads and how its pairs are built.
+"""The published 2AFC benchmarks (docs/evaluation.md): which label file each reads and how its pairs are built.
 
 A benchmark is a list of labelled pairs (x1, x2) sharing a reference y, plus, for MOS-labelled test sets,
 per-image MOS with each image's reference (for SRCC / PLCC / KRCC).

@@ -1,4 +1,7 @@
-"""Checkpoint files (README, "Export for pyiqa"): the merged `afine.pth`, BasicSR-style per-network files, CLIP files.
+"""Checkpoint files: the merged `afine.pth`, BasicSR-style per-network files, CLIP files.
+
+The merged file is what pyiqa and the official inference script load (docs/training.md, "Export for pyiqa and the
+official code").
 
 Every read error is an AfineError naming the file (and the keys at fault); every write is atomic.
 """

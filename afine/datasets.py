@@ -1,4 +1,4 @@
-"""Dataset layouts (README, "Prepare the datasets"), triplet datasets for training and 2AFC evaluation.
+"""Dataset layouts (docs/datasets.md), triplet datasets for training and 2AFC evaluation.
 
 Images are found by file name: one ImageIndex per dataset (per split for DiffIQA) maps names to paths,
 searching the images folder recursively. Training triplets are used at full size; each triplet gets

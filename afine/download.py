@@ -1,4 +1,4 @@
-"""The released `afine.pth`, downloaded on first use (README, "Score your images").
+"""The released `afine.pth`, downloaded on first use (docs/scoring.md, "Downloads and offline use").
 
 It goes to the torch hub cache (`<torch.hub.get_dir()>/checkpoints/afine.pth`, or the file AFINE_WEIGHTS names)
 from where pyiqa gets it (AFINE_WEIGHTS_URL overrides the address). The download streams into a temp file beside

@@ -16,8 +16,8 @@ from . import interrupts
 
 
 def printable(value) -> str:
-    """str(value) with the bytes of a file name that are not valid UTF-8 shown as `\\xNN` escapes (README, "Output
-    files and file names"): Python keeps such bytes as lone surrogates (os.fsdecode), which cannot be printed or
+    """str(value) with the bytes of a file name that are not valid UTF-8 shown as `\\xNN` escapes (docs/scoring.md,
+    "Output files and file names"): Python keeps such bytes as lone surrogates (os.fsdecode), which cannot be printed or
     written as UTF-8."""
     text = str(value)
     try:

@@ -7,9 +7,9 @@ weights a = softplus(alpha), b = softplus(beta), jointly normalised to sum 1:
     S1 = (2 mx my + c) / (mx^2 + my^2 + c),   S2 = (2 cov + c) / (vx + vy + c),   c = 1e-10
     F_raw = 1 - sum over levels and channels of (a S1 + b S2)
 
-(population variances; cov = mean(x y) - mx my). Lower is better; about 0 when x == y. See the README,
+(population variances; cov = mean(x y) - mx my). Lower is better; about 0 when x == y. See docs/scoring.md,
 "What A-FINE computes". `stable_gradient=True` keeps these values and takes the gradient from a well-conditioned
-twin of the formulas (README, "A-FINE as a training loss").
+twin of the formulas (docs/loss.md, "Gradients of the fidelity statistics").
 
 Self-contained (imports only torch): copy this file alone into another project.
 """
@@ -35,7 +35,7 @@ def similarity(x: torch.Tensor, y: torch.Tensor, stable_gradient: bool = False) 
     `stable_gradient`: the same values, bit for bit, but the gradient of a twin with the covariance centred before
     the product and GRAD_C for c. Near-constant channels (flat images; ReLU'd channels that are almost all zero)
     otherwise give gradients of 1/sqrt(c) scale, thousands of times those of other channels: there mean(x y) -
-    mx my is rounding noise, and c = 1e-10 divides it (README, "A-FINE as a training loss").
+    mx my is rounding noise, and c = 1e-10 divides it (docs/loss.md, "Gradients of the fidelity statistics").
     """
     vx, mx = torch.var_mean(x, dim=-2, correction=0)
     vy, my = torch.var_mean(y, dim=-2, correction=0)
@@ -78,7 +78,7 @@ class FidelityHead(nn.Module):
                      stable_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """S1, S2 [B, sum(chns)] of every level and channel (pixels first, then the blocks): all that F takes
         from the images. They do not depend on the head's weights, so training on a frozen CLIP can compute
-        them once (README, "Cached statistics"). `stable_gradient`: see similarity()."""
+        them once (docs/training.md, "Cached statistics"). `stable_gradient`: see similarity()."""
         s1_pix, s2_pix = similarity(pixel_tokens(x, self.mean, self.std), pixel_tokens(y, self.mean, self.std),
                                     stable_gradient)
         if stable_gradient:  # level by level: a training step holds one level's temporaries at a time, not twelve

@@ -1,4 +1,4 @@
-"""Image decoding and A-FINE's preprocessing (README "What A-FINE computes").
+"""Image decoding and A-FINE's preprocessing (docs/scoring.md, "What A-FINE computes").
 
 Decoding follows the official loader (OpenCV's colour mode) without depending on OpenCV: 8-bit RGB with the
 EXIF orientation applied, 16-bit samples reduced to their high byte, grey replicated, alpha dropped.

@@ -1,4 +1,4 @@
-"""Label files of the IQA datasets (README, "Prepare the datasets"): MOS lists, triplet lists, SRIQA scores.
+"""Label files of the IQA datasets (docs/datasets.md): MOS lists, triplet lists, SRIQA scores.
 
 Readers validate every line and raise AfineError("path:LINE: ...") on malformed input; writers
 produce the distributed formats. Also here: the "nlogn" triplet generation from MOS lists, the

@@ -4,7 +4,7 @@
     D_scaled    = 100 / (1 + exp(-(D + 1.9710) / 2.3734))
 
 N and F are the raw head outputs mapped into (-2, 2) by `logistic`. Lower is better for every term.
-See the README, "What A-FINE computes".
+See docs/scoring.md, "What A-FINE computes".
 
 Self-contained (imports only torch): copy this file alone into another project.
 """
@@ -18,7 +18,7 @@ from torch import nn
 # Published final scale: D_scaled = 100 / (1 + exp(-(D - SCALE_CENTER) / SCALE_WIDTH)).
 SCALE_CENTER = -1.9710
 SCALE_WIDTH = 2.3734
-# Published start of the NR mapping, fitted on PIPAL's training MOS (README, "Fit the NR mapping").
+# Published start of the NR mapping, fitted on PIPAL's training MOS (docs/training.md, "Fit the NR mapping").
 NR_YITA3, NR_YITA4 = 4.9592, 21.5968
 
 

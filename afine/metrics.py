@@ -1,4 +1,4 @@
-"""Evaluation metrics: 2AFC accuracy on labelled pairs (README, "Evaluate") and MOS correlations.
+"""Evaluation metrics: 2AFC accuracy on labelled pairs (docs/evaluation.md) and MOS correlations.
 
 All A-FINE scores are lower-is-better; MOS is higher-is-better. Correlations are reported between
 -score and MOS, so a good model gets positive SRCC, PLCC and KRCC.

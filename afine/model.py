@@ -1,4 +1,4 @@
-"""The A-FINE model: CLIP image tower + naturalness and fidelity heads + mappings + adapter (see the README).
+"""The A-FINE model: CLIP image tower + naturalness and fidelity heads + mappings + adapter (docs/scoring.md).
 
     D(dis, ref) = F(dis, ref) + exp(k (N(ref) - N(dis))) N(dis),   lower is better.
 """
@@ -49,8 +49,8 @@ class AFINE(nn.Module):
                precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B, 3, H, W] in [0, 1] -> (normalised, resized images; CLIP features [B, L, T, W]).
 
-        `precision` bf16 or fp16 runs CLIP under autocast (README, "Precision") and returns float32 for the heads;
-        fp32 (training's amp "off") is exact and returns the model's own dtype (float64 for a .double() model).
+        `precision` bf16 or fp16 runs CLIP under autocast (docs/scoring.md, "Precision") and returns float32 for the
+        heads; fp32 (training's amp "off") is exact and returns the model's own dtype (float64 for a .double() model).
         """
         with autocast(images.device, precision):
             x = preprocess(images)

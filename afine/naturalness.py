@@ -3,7 +3,7 @@
 Thirteen levels describe an image: level 0 is its pixels, levels 1..12 are the ReLU'd patch tokens of the
 CLIP blocks. Each level is pooled over tokens to its per-channel mean and (population) variance; levels
 1..12 are projected by `proj_feat` (2W -> 128), and `proj_head` (Linear, GELU, Linear) regresses the
-concatenation to one raw score per image. Lower is better. See the README, "What A-FINE computes".
+concatenation to one raw score per image. Lower is better. See docs/scoring.md, "What A-FINE computes".
 
 Self-contained (imports only torch): copy this file alone into another project.
 """

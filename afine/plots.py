@@ -1,4 +1,5 @@
-"""Pictures of training and evaluation (README, "Curves and plots"), drawn with matplotlib.
+"""Pictures of training and evaluation drawn with matplotlib (docs/training.md, "Curves";
+docs/evaluation.md, "Evaluation plots").
 
 - Curves: `python -m afine curves RUN [RUN ...] --out curves.png` draws the training loss and the validation
   mean against step of one or several run folders (their log.jsonl; a run still going is read as far as it

@@ -8,7 +8,7 @@
 Folders are paired by file name (afine/folders.py). File names that are not UTF-8 are shown escaped in the table,
 CSV and JSON (afine.errors.printable). An output file that is one of the inputs is refused before any work.
 Under torchrun every process scores its share of the batches on its own device and rank 0 prints and writes what
-one process would (README, "Score on many devices").
+one process would (docs/scoring.md, "Score on many devices").
 """
 
 from __future__ import annotations
@@ -163,8 +163,9 @@ def load_batch(pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], bat
 
 
 def default_workers(device: torch.device) -> int:
-    """Decoding threads: 2 on a CPU, where CLIP takes 30-90 times as long as decoding (README, "Speed"); with CUDA,
-    which runs CLIP faster than a few cores decode, up to 8, sharing the cores with the node's other processes."""
+    """Decoding threads: 2 on a CPU, where CLIP takes 30-90 times as long as decoding (docs/scoring.md, "Speed");
+    with CUDA, which runs CLIP faster than a few cores decode, up to 8, sharing the cores with the node's other
+    processes."""
     if device.type != "cuda":
         return 2
     return max(2, min(8, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -175,7 +176,7 @@ def decoded_batches(pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]]
     """The batches decoded, in order: `workers` threads decode the next batches while the model runs, one batch
     each (0: each batch is decoded when it is due). Threads rather than DataLoader processes: Pillow and torch
     release the GIL while they work, threads hand their tensors over without a copy and start at once, and they
-    measured faster (README, "Speed")."""
+    measured faster (docs/scoring.md, "Speed")."""
     if workers == 0:
         yield from (load_batch(pairs, sizes, batch, pin) for batch in batches)
         return
@@ -292,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="CLIP's precision: fp32 (default, exact), bf16 or fp16 autocast (faster where the "
-                             "hardware has it; heads in float32; README, \"Precision\")")
+                             "hardware has it; heads in float32; docs/scoring.md, \"Precision\")")
     parser.add_argument("--workers", type=int,
                         help="threads decoding the next batches while CLIP runs, one batch each (default: 2 on a CPU, "
                              "up to 8 with CUDA; 0: none)")

@@ -1,4 +1,4 @@
-"""Synthetic IQA corpus: small look-alikes of A-FINE's five datasets in their official layouts (README).
+"""Synthetic IQA corpus: small look-alikes of A-FINE's five datasets in their official layouts (docs/datasets.md).
 
 The real KADID-10k, PIPAL, TID2013, DiffIQA and SRIQA-Bench are large downloads. This module writes
 stand-ins with the same folders, file names and label files, so training, fit_gamma and 2AFC evaluation
@@ -107,8 +107,9 @@ SCALES = {
         diffiqa_references=60, diffiqa_per_class=3, sriqa_scenes=10),
 }
 # demo.py's corpus: "small" with three times the references. A tiny CLIP trained from scratch learns from 21
-# training references per dataset a naturalness that ranks the held-out references' images far worse (README,
-# "The demo"); with 63 it carries over, and stage 3, which learns how much to trust it, gains on validation.
+# training references per dataset a naturalness that ranks the held-out references' images far worse
+# (docs/training.md and docs/measurements.md, "The demo"); with 63 it carries over, and stage 3, which learns how
+# much to trust it, gains on validation.
 SCALES["demo"] = dataclasses.replace(SCALES["small"], references=90, diffiqa_references=180)
 
 

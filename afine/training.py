@@ -4,7 +4,7 @@ Run folder (`out_dir`): config.json (the resolved config), the stage's official 
 best/ (the official files of the validation with the best mean accuracy), saves/step_XXXXXXXX/ (every save's
 official files, with keep_saves), built_on.json (digests of the earlier stages' files it was trained on),
 log.jsonl, state/step_XXXXXXXX.pt + .json (training state and its checksum; the last two kept), and with
-tensorboard the same curves as log.jsonl in tb/ (README, "Curves and plots").
+tensorboard the same curves as log.jsonl in tb/ (docs/training.md, "Curves").
 A run holds a lock on its folder. Starting again with the same out_dir resumes bitwise from the newest
 intact state; a damaged one is skipped with a warning. Training draws no random numbers (batch order and
 augmentation are functions of seed, epoch and index), so a state is weights, optimiser, scaler and step.

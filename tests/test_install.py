@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_pip_install_gives_the_afine_command(tmp_path, monkeypatch, capsys):
     source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
     shutil.copytree(ROOT / "afine", source / "afine", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
@@ -32,6 +32,9 @@ def test_pip_install_gives_the_afine_command(tmp_path, monkeypatch, capsys):
     found = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('afine')"
                             ".origin)"], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
     assert Path(found.stdout.strip()).is_relative_to(target)  # the command below runs the installed copy
+    (metadata,) = target.glob("afine-*.dist-info/METADATA")  # the licence travels with the package
+    assert "License-Expression: Apache-2.0" in metadata.read_text().splitlines()
+    assert (metadata.parent / "licenses" / "LICENSE").read_bytes() == (ROOT / "LICENSE").read_bytes()
 
     save_afine(tmp_path / "afine.pth", random_afine(tiny_clip(seed=7)).parts())
     rng = np.random.default_rng(0)
