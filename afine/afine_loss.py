@@ -10,13 +10,15 @@ without autograd, and the inputs are never modified.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .download import load_weights
 from .image import MIN_SIDE
-from .model import AFINE, HEADS, load_afine
+from .model import AFINE, HEADS
 
 # Terms that depend on the output image, and the parts of the weights each needs. `afine_nr_ref` (the
 # naturalness of the reference) does not depend on the output, so it is no loss.
@@ -24,6 +26,8 @@ LOSS_TERMS = {"afine_all": HEADS, "afine_all_scale": HEADS, "afine_fr": ("fideli
               "afine_nr": ("natural", "natural_scale")}
 REDUCTIONS = ("mean", "sum", "none")
 AMP = ("off", "bf16", "fp16")  # the CLIP tower's precision, named as training's --amp
+GRADIENTS = ("stable", "exact")  # of the fidelity statistics S1, S2 (see forward)
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # dtypes the frozen model is never converted to (see _apply)
 # Reference pixel values beyond these are another convention ([0, 255], [-1, 1]), not [0, 1] images.
 PLAUSIBLE = (-0.5, 1.5)
 
@@ -36,13 +40,17 @@ class AFINELoss(nn.Module):
     checkpoint_blocks: recompute the CLIP blocks in the backward pass (less memory, about one more forward).
     amp: "bf16" or "fp16" runs the CLIP tower of the loss's forward and backward in autocast; the heads and their
     statistics stay float32. With "fp16", scale the loss (torch.amp.GradScaler) as for any fp16 network.
+    `.half()` / `.bfloat16()` (on the loss or a network holding it) leave the frozen model in float32: see _apply.
+    gradient: "stable" (default) takes the gradient of the fidelity statistics S1, S2 from a well-conditioned twin
+    (bounded on near-constant channels), "exact" from the published formulas; the values are the same, bit for
+    bit (docs/loss.md).
     save_weights: include the frozen A-FINE weights in state_dict() (by default a model holding this loss as a
     submodule saves and strictly loads its checkpoints without them).
     """
 
     def __init__(self, weights: str | Path | AFINE, term: str = "afine_all", reduction: str = "mean",
                  clip: str | Path | None = None, checkpoint_blocks: bool = False, amp: str = "off",
-                 save_weights: bool = False):
+                 save_weights: bool = False, gradient: str = "stable"):
         super().__init__()
         if term not in LOSS_TERMS:
             hint = " (it does not depend on the output; afine_nr is the output's)" if term == "afine_nr_ref" else ""
@@ -51,9 +59,11 @@ class AFINELoss(nn.Module):
             raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
         if amp not in AMP:
             raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
-        self.term, self.reduction, self.amp = term, reduction, amp
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+        self.term, self.reduction, self.amp, self.gradient = term, reduction, amp, gradient
         self.checkpoint_blocks, self.save_weights = checkpoint_blocks, save_weights
-        self.afine = weights if isinstance(weights, AFINE) else load_afine(clip, weights, require=LOSS_TERMS[term])
+        self.afine = weights if isinstance(weights, AFINE) else load_weights(clip, weights, require=LOSS_TERMS[term])
         self.afine.requires_grad_(False).eval()
         self.register_state_dict_post_hook(drop_frozen_weights)
         self.register_load_state_dict_pre_hook(keep_frozen_weights)
@@ -63,6 +73,18 @@ class AFINELoss(nn.Module):
         super().train(mode)
         self.afine.eval()
         return self
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.half()`, `.bfloat16()` or `.to(torch.float16)`, on the loss or on a network holding it, move the frozen
+        A-FINE model where asked but keep its dtype: in float16 its heads' c = 1e-10 is 0 and their variances
+        overflow, and the loss was NaN. The loss's own precision is `amp`; the output's gradient comes back in the
+        output's dtype. Every other conversion (.to(device), .double(), ...) applies as to any module."""
+        with torch.no_grad():
+            probe = fn(torch.zeros(1, device=self.afine.fidelity.alpha.device))
+        if isinstance(probe, torch.Tensor) and probe.dtype in LOW_PRECISION:
+            device = probe.device
+            return super()._apply(lambda t: t.to(device), recurse)
+        return super()._apply(fn, recurse)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """model.encode (preprocessing, CLIP) in the loss's precision; results in the heads' dtype (float32)."""
@@ -87,9 +109,10 @@ class AFINELoss(nn.Module):
         if self.term == "afine_nr":
             value = model.natural_scale(model.natural(x, features))
         else:
-            # S1, S2 take their gradient from a well-conditioned twin; their values are the published ones
-            f = model.fidelity.from_similarities(*model.fidelity.similarities(x, features, y, y_features,
-                                                                              stable_gradient=True))
+            # "stable": S1, S2 take their gradient from a well-conditioned twin; their values are the published
+            # ones. Level by level: one CLIP level's temporaries at a time.
+            f = model.fidelity.from_similarities(*model.fidelity.similarities(
+                x, features, y, y_features, stable_gradient=self.gradient == "stable", by_level=True))
             del y, y_features  # not needed any more: free them before the naturalness head runs
             if self.term == "afine_fr":
                 value = model.fidelity_scale(f)
@@ -100,7 +123,7 @@ class AFINELoss(nn.Module):
         return value.mean() if self.reduction == "mean" else value.sum()
 
     def extra_repr(self) -> str:
-        return (f"term={self.term!r}, reduction={self.reduction!r}, amp={self.amp!r}, "
+        return (f"term={self.term!r}, reduction={self.reduction!r}, amp={self.amp!r}, gradient={self.gradient!r}, "
                 f"checkpoint_blocks={self.checkpoint_blocks}, save_weights={self.save_weights}")
 
 
@@ -117,7 +140,8 @@ def check_images(name: str, images: torch.Tensor) -> None:
 
 
 def check_pair(output: torch.Tensor, reference: torch.Tensor | None) -> None:
-    """A ValueError unless `reference` is an image batch of the output's size, of 1 or the output's batch, in [0, 1].
+    """A ValueError unless `reference` is an image batch of the output's size, of 1 or the output's batch, in [0, 1]
+    and finite.
 
     The reference is data, so values far outside [0, 1] are another convention ([0, 255], [-1, 1]); the output
     is not checked: a network in training overshoots [0, 1] by any amount, and is scored as it is.
@@ -130,7 +154,11 @@ def check_pair(output: torch.Tensor, reference: torch.Tensor | None) -> None:
     if reference.shape[0] not in (1, output.shape[0]):
         raise ValueError(f"reference batch must be 1 or {output.shape[0]} (the output's), got shape "
                          f"{tuple(reference.shape)}")
-    low, high = torch.stack([reference.detach().min(), reference.detach().max()]).tolist()  # one device sync
+    # one reduction and one device sync; a NaN anywhere makes both NaN
+    low, high = torch.stack(torch.aminmax(reference.detach())).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        kind = "NaN" if math.isnan(low) or math.isnan(high) else "infinite"
+        raise ValueError(f"reference: expected RGB in [0, 1], got {kind} values")
     if low < PLAUSIBLE[0] or high > PLAUSIBLE[1]:
         raise ValueError(f"reference: expected RGB in [0, 1], got values in [{low:.4g}, {high:.4g}] "
                          "(a [0, 255] or [-1, 1] image?)")

@@ -75,17 +75,20 @@ class FidelityHead(nn.Module):
         return a / total, b / total
 
     def similarities(self, x: torch.Tensor, x_features: torch.Tensor, y: torch.Tensor, y_features: torch.Tensor,
-                     stable_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     stable_gradient: bool = False, by_level: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """S1, S2 [B, sum(chns)] of every level and channel (pixels first, then the blocks): all that F takes
         from the images. They do not depend on the head's weights, so training on a frozen CLIP can compute
-        them once (docs/training.md, "Cached statistics"). `stable_gradient`: see similarity()."""
+        them once (docs/training.md, "Cached statistics"). `stable_gradient`: see similarity(). `by_level`: the
+        CLIP levels one at a time, the same values bit for bit: a training step holds one level's temporaries, not
+        twelve."""
         s1_pix, s2_pix = similarity(pixel_tokens(x, self.mean, self.std), pixel_tokens(y, self.mean, self.std),
                                     stable_gradient)
-        if stable_gradient:  # level by level: a training step holds one level's temporaries at a time, not twelve
-            levels = [similarity(x.relu(), y.relu(), True) for x, y in zip(x_features.unbind(1), y_features.unbind(1))]
+        if by_level:
+            levels = [similarity(x.relu(), y.relu(), stable_gradient)
+                      for x, y in zip(x_features.unbind(1), y_features.unbind(1))]
             s1, s2 = (torch.stack(s, dim=1) for s in zip(*levels))
         else:
-            s1, s2 = similarity(x_features.relu(), y_features.relu())  # [B, L, W]
+            s1, s2 = similarity(x_features.relu(), y_features.relu(), stable_gradient)  # [B, L, W]
         return torch.cat([s1_pix, s1.flatten(1)], dim=1), torch.cat([s2_pix, s2.flatten(1)], dim=1)
 
     def from_similarities(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:

@@ -34,12 +34,12 @@ from tqdm import tqdm
 from . import distributed
 from .atomic import CSV, check_writable, printout, write_text
 from .checkpoint import weight_files
-from .download import released_path, released_weights
+from .download import load_weights, released_path, released_weights
 from .errors import AfineError, printable, report, warn
 from .evaluation import close_distributed, pick_device, world
 from .folders import image_pairs, listing
 from .image import image_size, load_image
-from .model import AFINE, PRECISIONS, TERMS, load_afine
+from .model import AFINE, PRECISIONS, TERMS
 
 
 def read_pairs(file: str | Path) -> list[tuple[Path, Path]]:
@@ -383,7 +383,7 @@ def prepare(args: argparse.Namespace,
         raise AfineError(f"--workers must be 0 or more, got {args.workers}")
     sizes = check_pairs(pairs)  # fail on a bad image before loading (or downloading) a large model
     weights = args.weights if args.weights is not None else released_weights(args.offline, not args.no_progress)
-    return pairs, sizes, load_afine(args.clip, weights).to(device)
+    return pairs, sizes, load_weights(args.clip, weights).to(device)
 
 
 def write_results(args: argparse.Namespace, pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from afine import AFINELoss, fidelity
+from afine.afine_loss import GRADIENTS
 from afine.errors import AfineError
 from afine.fidelity import FidelityHead, similarity
 from tests.test_model import pair
@@ -53,25 +54,75 @@ def test_values_are_the_scoring_values(model, size):
     assert not torch.allclose(shared["afine_nr"][0], shared["afine_nr"][1])  # the NR term is not saturated
 
 
-@pytest.mark.parametrize("term", TERMS)
-def test_gradient_agrees_with_finite_differences(model, term, monkeypatch):
-    """float64, 64x48 (resized to 64x64, so the bicubic resize is differentiated too). With the gradient twin's
-    c set to the published c, the twin is the same function as the published S1, S2 (the covariance centred
-    before or after the product is the same number in exact arithmetic): its gradient is the exact one."""
-    monkeypatch.setattr(fidelity, "GRAD_C", fidelity.C)
-    model64 = copy.deepcopy(model).double()
-    criterion = AFINELoss(model64, term, reduction="sum")
-    g = torch.Generator().manual_seed(3)
-    dis, ref = (t.double() for t in pair(64, 48, b=2, seed=4))
+def directional_derivatives(criterion: AFINELoss, dis: torch.Tensor, ref: torch.Tensor, seed: int, h: float = 1e-6):
+    """[(analytic, central finite difference)] of the loss along two random directions (float64)."""
+    g = torch.Generator().manual_seed(seed)
     _, grad = grad_of(criterion, dis, ref)
+    pairs = []
     for _ in range(2):
         direction = torch.randn(dis.shape, generator=g, dtype=torch.float64)
-        h = 1e-6
         with torch.no_grad():
             numeric = (criterion(dis + h * direction, ref) - criterion(dis - h * direction, ref)) / (2 * h)
-        analytic = (grad * direction).sum()
+        pairs.append(((grad * direction).sum(), numeric))
+    return pairs
+
+
+@pytest.mark.parametrize("term, gradient", [(term, "stable with GRAD_C = C") for term in TERMS] +
+                         [(term, "exact") for term in TERMS if term != "afine_nr"])  # afine_nr has no S1, S2
+def test_gradient_agrees_with_finite_differences(model, term, gradient, monkeypatch):
+    """float64, 64x48 (resized to 64x64, so the bicubic resize is differentiated too). gradient="exact" is the
+    gradient of the published formulas. With the gradient twin's c set to the published c, the twin is the same
+    function as the published S1, S2 (the covariance centred before or after the product is the same number in
+    exact arithmetic): its gradient is the exact one too."""
+    if gradient != "exact":
+        monkeypatch.setattr(fidelity, "GRAD_C", fidelity.C)
+    criterion = AFINELoss(copy.deepcopy(model).double(), term, reduction="sum", gradient=gradient.split()[0])
+    dis, ref = (t.double() for t in pair(64, 48, b=2, seed=4))
+    for analytic, numeric in directional_derivatives(criterion, dis, ref, seed=3):
         assert abs(analytic) > 1e-3
         torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=0)
+
+
+def near_flat_pair(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flat reference and an output off it by noise of std 1e-4 (pixel variance 1e-8, between c = 1e-10 and
+    the twin's 1e-6): there the exact and the stable gradients differ, and both are well-conditioned in float64."""
+    ref = torch.full((1, 3, 64, 48), 0.37, dtype=dtype)
+    noise = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(21), dtype=dtype)
+    return ref + 1e-4 * noise, ref
+
+
+@pytest.mark.parametrize("term", ["afine_fr", "afine_all"])
+def test_exact_gradient_is_autograd_through_the_published_formulas(model, term):
+    """gradient="exact": the gradient of scoring's own forward (model(dis, ref), the published S1, S2 of all
+    levels at once), and the same values as gradient="stable", bit for bit; the stable one differs here."""
+    model64 = copy.deepcopy(model).double()
+    grads = {}
+    for dis, ref in (near_flat_pair(), tuple(t.double() for t in pair(64, 48, b=2, seed=22))):
+        published = dis.clone().requires_grad_(True)
+        model64(published, ref)[term].sum().backward()
+        values = {}
+        for gradient in ("exact", "stable"):
+            values[gradient], grads[gradient] = grad_of(AFINELoss(model64, term, "sum", gradient=gradient), dis, ref)
+        assert torch.equal(values["exact"], values["stable"])
+        torch.testing.assert_close(grads["exact"], published.grad, rtol=1e-7, atol=1e-9 * published.grad.abs().max())
+    dis, ref = near_flat_pair()  # the option matters: there the twin's gradient is far from the exact one
+    cosine = torch.nn.functional.cosine_similarity(*(grad_of(AFINELoss(model64, term, "sum", gradient=gradient),
+                                                             dis, ref)[1].flatten() for gradient in GRADIENTS), dim=0)
+    assert cosine < 0.99
+
+
+def test_exact_gradient_agrees_with_finite_differences_near_flat(model):
+    """Where exact and stable differ (near_flat_pair), the exact gradient is the finite difference's; the stable
+    one is not (so that this test sees which one the loss returns). The variances there are 1e-8, computed from
+    pixels of 0.37 to about 1e-9 relative even in float64: the finite difference is good to about 1e-4."""
+    dis, ref = near_flat_pair()
+    for gradient in GRADIENTS:
+        criterion = AFINELoss(copy.deepcopy(model).double(), "afine_fr", reduction="sum", gradient=gradient)
+        for analytic, numeric in directional_derivatives(criterion, dis, ref, seed=23, h=1e-7):
+            if gradient == "exact":
+                torch.testing.assert_close(analytic, numeric, rtol=1e-3, atol=0)
+            else:
+                assert abs(analytic) < abs(numeric) / 2
 
 
 def test_gradient_twin_keeps_values_and_changes_only_near_constant_channels():
@@ -101,16 +152,51 @@ def test_gradient_twin_keeps_values_and_changes_only_near_constant_channels():
     assert torch.isfinite(stable).all()
 
 
+def test_gradient_twin_uses_its_own_c_where_a_channel_is_off_in_the_reference():
+    """The twin's gradient against its formulas differentiated by hand, with c = GRAD_C, in float64: channel 0 is
+    all zero in the reference (a ReLU'd channel that is off) and has one test token set so that mx = sqrt(C / 3),
+    where dS1/dmx with the published c peaks (about 0.65 / sqrt(C), against 2 mx / GRAD_C with the twin's);
+    channel 1 is ordinary."""
+    tokens = 50
+    g = torch.Generator().manual_seed(24)
+    x, y = torch.rand(2, tokens, 2, generator=g, dtype=torch.float64).unbind(0)
+    y[:, 0], x[:, 0] = 0.0, 0.0
+    x[7, 0] = tokens * (fidelity.C / 3) ** 0.5
+    x.requires_grad_(True)
+    s1, s2 = similarity(x, y, stable_gradient=True)
+    grad_s1, = torch.autograd.grad(s1.sum(), x, retain_graph=True)
+    grad_s2, = torch.autograd.grad(s2.sum(), x)
+    x = x.detach()
+    c = fidelity.GRAD_C
+    vx, mx = torch.var_mean(x, dim=0, correction=0)
+    vy, my = torch.var_mean(y, dim=0, correction=0)
+    cov = ((x - mx) * (y - my)).mean(dim=0)
+    num1, den1 = 2 * mx * my + c, mx**2 + my**2 + c  # dmx/dx_i = 1/T for every token i
+    expected_s1 = ((2 * my * den1 - num1 * 2 * mx) / den1**2 / tokens).expand(tokens, 2)
+    num2, den2 = 2 * cov + c, vx + vy + c  # dcov/dx_i = (y_i - my) / T, dvx/dx_i = 2 (x_i - mx) / T
+    expected_s2 = (2 * (y - my) * den2 - num2 * 2 * (x - mx)) / den2**2 / tokens
+    assert mx[0].item() == pytest.approx((fidelity.C / 3) ** 0.5)
+    torch.testing.assert_close(grad_s1, expected_s1, rtol=1e-9, atol=0)
+    torch.testing.assert_close(grad_s2, expected_s2, rtol=1e-9, atol=1e-12 * expected_s2.abs().max())
+
+
+@pytest.mark.parametrize("stable_gradient", [True, False])
 @pytest.mark.parametrize("ref_batch", [2, 1])
-def test_level_by_level_similarities_are_the_published_values(ref_batch):
-    """The loss path computes S1, S2 one CLIP level at a time (less memory): the same numbers, bit for bit."""
+def test_level_by_level_similarities_are_the_published_values(ref_batch, stable_gradient):
+    """The loss path computes S1, S2 one CLIP level at a time (less memory): the same numbers, bit for bit,
+    and, for the exact gradient, the same gradient as all levels at once."""
     head = FidelityHead(width=8, layers=3)
     g = torch.Generator().manual_seed(17)
     x, fx = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 4, 8, generator=g).requires_grad_(True)
     y, fy = torch.randn(ref_batch, 3, 32, 32, generator=g), torch.randn(ref_batch, 3, 4, 8, generator=g)
-    twins = head.similarities(x, fx, y, fy, stable_gradient=True)
-    for published, twin in zip(head.similarities(x, fx, y, fy), twins):
-        assert published.shape == (2, 3 + 3 * 8) and torch.equal(published, twin)
+    levels = head.similarities(x, fx, y, fy, stable_gradient=stable_gradient, by_level=True)
+    published = head.similarities(x, fx, y, fy)
+    for p, level in zip(published, levels):
+        assert p.shape == (2, 3 + 3 * 8) and torch.equal(p, level)
+    if not stable_gradient:
+        grad_levels, = torch.autograd.grad(sum(s.sum() for s in levels), fx)
+        grad_published, = torch.autograd.grad(sum(s.sum() for s in published), fx)
+        torch.testing.assert_close(grad_levels, grad_published, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("flat", [0.37, 0.5, 1.0])
@@ -256,6 +342,29 @@ def test_state_dict_leaves_out_the_frozen_weights_unless_asked(model):
     assert fresh.criterion.afine.adapter.k.item() == 3.0
 
 
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "to float16"])
+def test_half_network_keeps_the_loss_model_in_float32(model, convert):
+    """`.half()` on a network holding the loss made its heads float16 (c = 1e-10 is 0 there) and the loss NaN:
+    the frozen model stays float32, the loss of float16 images is the float32 loss of the same (rounded) values,
+    and the output's gradient is finite, in the output's dtype."""
+    net = Restorer(AFINELoss(copy.deepcopy(model)))
+    net = net.to(torch.float16) if convert == "to float16" else getattr(net, convert)()
+    low = net.conv.weight.dtype
+    assert low == (torch.bfloat16 if convert == "bfloat16" else torch.float16)
+    assert all(t.dtype == torch.float32 for t in net.criterion.state_dict(keep_vars=True).values())
+    assert all(t.dtype == torch.float32 for t in net.criterion.afine.state_dict().values())
+    dis, ref = pair(64, 48, b=2, seed=25)
+    dis, ref = dis.to(low), ref.to(low)
+    loss, grad = grad_of(net.criterion, dis, ref)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert grad.dtype == low and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    expected, _ = grad_of(AFINELoss(model), dis.float(), ref.float())
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    net.float()  # and back: the heads were never rounded to float16
+    kept = net.criterion.afine.state_dict().values()
+    assert all(torch.equal(a, b) for a, b in zip(kept, model.state_dict().values()))
+
+
 def test_to_moves_the_model(model):
     criterion = AFINELoss(copy.deepcopy(model)).to(torch.float64)
     assert all(t.dtype == torch.float64 for t in criterion.state_dict(keep_vars=True).values())
@@ -292,6 +401,11 @@ def test_built_from_weights_files(model, tmp_path):
     (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64) * 2 - 1, r"reference: expected RGB in \[0, 1\]"),
     (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.rand(1, 3, 64, 64), r"output: expected floating-point"),
     (torch.rand(1, 3, 64, 64), None, r"needs a reference"),
+    (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64).index_put_((torch.tensor(0),) * 4, torch.tensor(torch.nan)),
+     r"reference: expected RGB in \[0, 1\], got NaN values"),
+    (torch.rand(2, 3, 64, 64), torch.full((2, 3, 64, 64), torch.nan), r"reference: .*got NaN values"),
+    (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64).index_put_((torch.tensor(0),) * 4, torch.tensor(torch.inf)),
+     r"reference: expected RGB in \[0, 1\], got infinite values"),
 ])
 def test_bad_inputs_are_value_errors_naming_the_shape(model, output, reference, message):
     with pytest.raises(ValueError, match=message):
@@ -310,7 +424,8 @@ def test_output_outside_0_1_is_scored_as_it_is(model):
 
 def test_bad_settings(model):
     for kwargs, message in (({"term": "afine_nr_ref"}, "does not depend on the output"),
-                            ({"reduction": "avg"}, "reduction must be one of"), ({"amp": "fp8"}, "amp must be")):
+                            ({"reduction": "avg"}, "reduction must be one of"), ({"amp": "fp8"}, "amp must be"),
+                            ({"gradient": "twin"}, "gradient must be one of stable, exact")):
         with pytest.raises(ValueError, match=message):
             AFINELoss(model, **kwargs)
     assert AFINELoss(model, "afine_nr")(torch.rand(1, 3, 32, 32)).shape == ()  # no reference needed
