@@ -35,6 +35,7 @@ from afine.checkpoint import (
     PART_FILES,
     build_clip,
     check_built_on,
+    earlier_runs,
     file_digests,
     load_strict,
     read_clip_file,
@@ -77,19 +78,16 @@ class Stage3Config(RunConfig):
 
 
 def resolve_stage_dirs(cfg: Stage3Config) -> None:
-    """Absolute stage2_dir and stage1_dir; stage1_dir defaults to (and must agree with) the one stage 2 used."""
+    """Absolute stage2_dir and stage1_dir; stage1_dir defaults to the one stage 2's config.json names. Whichever
+    folder it is, its files must be those stage 2 was trained on (its built_on.json, checked in train)."""
     stage2 = Path(cfg.stage2_dir).resolve()
     run_config = run_file(stage2, "config.json", 2)
-    try:
-        used = json.loads(run_config.read_text()).get("stage1_dir", "")
-    except (OSError, ValueError, AttributeError) as e:
-        raise AfineError(f"{run_config}: cannot read run config ({e})") from None
-    stage1 = Path(cfg.stage1_dir).resolve() if cfg.stage1_dir else Path(used) if used else None
-    if stage1 is None:
-        raise AfineError(f"{run_config}: names no stage1_dir; set stage1_dir")
-    if used and Path(used).resolve() != stage1:
-        raise AfineError(f"config key 'stage1_dir': {stage1} is not the stage-1 run stage 2 trained on ({used})")
-    cfg.stage1_dir, cfg.stage2_dir = str(stage1), str(stage2)
+    if not cfg.stage1_dir:
+        named = earlier_runs(stage2)
+        if not named:
+            raise AfineError(f"{run_config}: names no stage1_dir; set stage1_dir")
+        cfg.stage1_dir = str(named[-1])
+    cfg.stage1_dir, cfg.stage2_dir = str(Path(cfg.stage1_dir).resolve()), str(stage2)
 
 
 def read_nr_init(cfg: Stage3Config) -> None:

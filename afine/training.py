@@ -2,7 +2,8 @@
 
 Run folder (`out_dir`): config.json (the resolved config), the stage's official files (the latest save),
 best/ (the official files of the validation with the best mean accuracy), saves/step_XXXXXXXX/ (every save's
-official files, with keep_saves), built_on.json (digests of the earlier stages' files it was trained on),
+official files, with keep_saves), built_on.json (SHA-256 of the earlier stages' files it was trained on, by path
+relative to the run folder, as config.json names their folders: a runs tree moved whole still resumes and loads),
 log.jsonl, state/step_XXXXXXXX.pt + .json (training state and its checksum; the last two kept), and with
 tensorboard the same curves as log.jsonl in tb/ (README, "Curves and plots").
 A run holds a lock on its folder. Starting again with the same out_dir resumes bitwise from the newest
@@ -34,9 +35,9 @@ from tqdm import tqdm
 
 from . import config as configs
 from . import distributed, interrupts
-from .atomic import write_json, write_text
+from .atomic import atomic_write, write_json
 from .batches import shape_groups
-from .checkpoint import PART_FILES, atomic_save, load_strict, sha256
+from .checkpoint import EARLIER_RUNS, PART_FILES, atomic_save, digests_by_name, load_strict, sha256
 from .datasets import ImageIndex, TripletDataset, collate_triplets, diffiqa_type_files, images_dir, resolve_triplets
 from .distributed import Dist
 from .errors import AfineError, optional_import, unwrap_worker_error, warn
@@ -204,6 +205,7 @@ class Run:
     step: int = 0
     best: dict = field(default_factory=lambda: {"step": None, "val_mean": -math.inf})
     saved: int | None = None  # step of the newest state on disk
+    built_on: dict = field(default_factory=dict)  # {path relative to out: SHA-256} of the earlier stages' files
     log_file: object = None
     curves: object = None  # TensorBoard writer on tb/, with tensorboard
     bar: object = None
@@ -282,6 +284,23 @@ def remove_leftovers(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
+def relative_paths(digests: dict[str, str], out: Path) -> dict[str, str]:
+    """{path: SHA-256} with each path relative to the run folder, as built_on.json records them (a runs tree moved
+    whole keeps them true; only the names and digests are compared)."""
+    return {os.path.relpath(Path(path).resolve(), out.resolve()): digest for path, digest in digests.items()}
+
+
+def recorded_config(cfg) -> dict:
+    """The config as config.json and each save record it: the earlier stages' run folders relative to the run
+    folder, so that evaluate.py, load_afine and a later stage find them in a runs tree moved whole."""
+    saved = configs.to_dict(cfg)
+    out = Path(cfg.out_dir).resolve()
+    for key in EARLIER_RUNS:
+        if saved.get(key):
+            saved[key] = os.path.relpath(Path(saved[key]).resolve(), out)
+    return saved
+
+
 def fixed_keys_changed(saved: dict, cfg) -> list[str]:
     """Dotted keys of `cfg` that differ from the saved config dict and that a resumed run may not change."""
     return [k for k in configs.differences(saved, configs.to_dict(cfg)) if k.split(".")[0] not in RESUMABLE]
@@ -303,10 +322,11 @@ def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict, train_list
             if meta.get("global_batch") != global_batch:
                 raise AfineError(f"{out}: global batch {global_batch} (batch_size x grad_accum x {d.world_size} "
                                  f"processes) differs from the run's {meta.get('global_batch')}; match it to resume")
-            recorded = meta.get("built_on", {})
-            if recorded != built_on:
-                moved = sorted(set(recorded) ^ set(built_on) | {k for k in recorded if recorded[k] != built_on.get(k)})
-                raise AfineError(f"{out}: was trained on other earlier-stage files than now ({', '.join(moved)} "
+            recorded = digests_by_name(meta.get("built_on", {}), str(path.with_suffix(".json")))
+            now = digests_by_name(built_on, "built_on")
+            if recorded != now:
+                changed = sorted(set(recorded) ^ set(now) | {k for k in recorded if recorded[k] != now.get(k)})
+                raise AfineError(f"{out}: was trained on other earlier-stage files than now ({', '.join(changed)} "
                                  "changed or differ); resume with the same stage folders or start afresh")
             if "train_lists" not in meta:
                 warn(f"{path}: records no digest of the training lists (saved by an older version); not checked")
@@ -341,7 +361,11 @@ def _unsaved_start(out: Path, cfg, built_on: dict) -> bool:
         saved_on = json.loads((out / "built_on.json").read_text())
     except (OSError, ValueError):
         return False
-    return best.get("step") == 0 and not fixed_keys_changed(saved, cfg) and saved_on == built_on
+    try:
+        same_files = digests_by_name(saved_on, "") == digests_by_name(built_on, "")
+    except AfineError:
+        return False
+    return best.get("step") == 0 and not fixed_keys_changed(saved, cfg) and same_files
 
 
 def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global_batch: int, data: TripletDataset,
@@ -349,8 +373,8 @@ def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global
     """Lock the run folder, then start afresh (every rank from rank 0's weights) or resume the newest state
     (refused if the training lists `data`, the earlier stages' files `built_on` or fixed config keys changed)."""
     out = Path(cfg.out_dir)
-    built_on = built_on or {}
-    run = Run(cfg, d, out)
+    built_on = relative_paths(built_on or {}, out)
+    run = Run(cfg, d, out, built_on=built_on)
     plan = None
     if d.is_main:
         try:
@@ -379,9 +403,9 @@ def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global
     else:
         distributed.broadcast_parameters(d, [p for m in trained.values() for p in m.parameters()])
     if d.is_main:
-        write_json(out / "config.json", configs.to_dict(cfg))
+        write_json(out / "config.json", recorded_config(cfg))
         write_json(out / "built_on.json", built_on)
-        print(json.dumps(configs.to_dict(cfg), indent=2))
+        print(json.dumps(recorded_config(cfg), indent=2))
         if plan[0] == "resume":
             _truncate_log(out / "log.jsonl", run.step)
             print(f"resuming {out} from {Path(plan[1]).name} (step {run.step})", file=sys.stderr)
@@ -400,9 +424,19 @@ def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after the resumed state (they will be run again)."""
-    if path.is_file():
-        write_text(path, "".join(json.dumps(r) + "\n" for r in read_log(path) if r.get("step", 0) <= step))
+    """Drop the log lines of steps after the resumed state (they will be run again). A damaged line (not a log
+    record) is kept, with a warning, when a later line is of the resumed step or before; past them, dropped."""
+    if not path.is_file():
+        return
+    lines = log_lines(path)
+    last = max((i for i, (_, _, r) in enumerate(lines) if r is not None and r["step"] <= step), default=-1)
+    keep = [r["step"] <= step if r is not None else i < last for i, (_, _, r) in enumerate(lines)]
+    for kept, what in ((True, "kept (before the resumed step)"), (False, "dropped (past the resumed step)")):
+        bad = [n for (n, _, r), k in zip(lines, keep) if r is None and k == kept]
+        if bad:
+            warn(f"{path}: {line_numbers(bad)} not a log record (a JSON object with an integer \"step\"); {what}")
+    kept = "".join(text + "\n" for (_, text, _), k in zip(lines, keep) if k).encode("utf-8", "surrogateescape")
+    atomic_write(path, lambda f: f.write(kept))
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -470,14 +504,39 @@ def log(run: Run, record: dict) -> None:
         add_scalars(run.curves, record)
 
 
-def read_log(path: Path) -> list[dict]:
-    """The records of a log.jsonl; a line that is not JSON (the partial last line of a run being written) is
-    skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
-    return [r for r in records if isinstance(r, dict)]
+def log_lines(path: Path) -> list[tuple[int, str, dict | None]]:
+    """(line number, text, record) of each line of a log.jsonl; the record is None where the line is not a JSON
+    object with an integer "step" (and numbers as "loss" and "val_mean"). A last line without its newline (a run
+    writing it now, or killed while it did) is left out."""
+    lines = Path(path).read_bytes().decode("utf-8", "surrogateescape").split("\n")  # damaged bytes kept as they are
+    lines.pop()  # "" after the last newline, or the unfinished last line
+    found = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and type(record.get("step")) is int
+                and all(isinstance(record.get(k, 0.0), (int, float)) for k in ("loss", "val_mean"))):
+            record = None
+        found.append((n, line, record))
+    return found
+
+
+def line_numbers(numbers: list[int]) -> str:
+    """'line 7' or 'lines 3, 8, 9' (the first ten, then how many more)."""
+    shown = ", ".join(map(str, numbers[:10])) + (f" and {len(numbers) - 10} more" if len(numbers) > 10 else "")
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}"
+
+
+def read_log(path: Path, quiet: bool = False) -> list[dict]:
+    """The records of a log.jsonl; a line that is not one (damaged) is skipped with a warning naming the file and
+    line, unless `quiet`; an unfinished last line (a run writing it now) silently."""
+    lines = log_lines(path)
+    bad = [n for n, _, r in lines if r is None]
+    if bad and not quiet:
+        warn(f"{path}: {line_numbers(bad)} not a log record (a JSON object with an integer \"step\"); skipped")
+    return [r for _, _, r in lines if r is not None]
 
 
 def require_tensorboard():
@@ -493,7 +552,7 @@ def tensorboard_writer(out: Path):
     writer_class = require_tensorboard()
     shutil.rmtree(out / "tb", ignore_errors=True)
     writer = writer_class(str(out / "tb"), flush_secs=10)
-    for record in read_log(out / "log.jsonl"):
+    for record in read_log(out / "log.jsonl", quiet=True):  # a resume has just warned about damaged lines
         add_scalars(writer, record)
     return writer
 
@@ -587,12 +646,11 @@ def save(run: Run, trained: dict[str, nn.Module], optimizer, scaler, files: dict
                              for name, m in trained.items()},
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
         atomic_save(state, path)
-        built_on = json.loads((run.out / "built_on.json").read_text())
         finished = run.step >= run.cfg.total_iter
         write_json(path.with_suffix(".json"), {"step": run.step, "finished": finished, "bytes": path.stat().st_size,
                                                "sha256": sha256(path), "global_batch": global_batch,
-                                               "built_on": built_on, "train_lists": run.train_lists,
-                                               "config": configs.to_dict(run.cfg)})
+                                               "built_on": run.built_on, "train_lists": run.train_lists,
+                                               "config": recorded_config(run.cfg)})
         for _, stale in state_files(run.state_dir)[KEEP_STATES:]:
             stale.unlink(missing_ok=True)
             stale.with_suffix(".json").unlink(missing_ok=True)
