@@ -6,7 +6,8 @@ the CLIP. In stage 3 CLIP and both heads are frozen: only N_raw(x1), N_raw(x2), 
 F_raw(x2, y) enter the mappings and the adapter. Both are computed here once per distinct (pair, augmentation)
 of a triplet list, the 8 augmentations being the combinations of hflip, vflip and transpose (slot
 h + 2v + 4t; validation lists have only slot 0), and read back per step for the step's (epoch, index) keys,
-so a cached run trains on the same triplets and augmentations as an uncached one (README, "Cached statistics").
+so a cached run trains on the same triplets and augmentations as an uncached one (docs/training.md, "Cached
+statistics").
 
 One entry (folder) per list and kind under the cache folder, named <kind>-<list>-<key>:
 - kind "similarity" (stage 2): similarity.npy [P, A, 2 sum(chns)] float16 (S1 then S2 of pair p, slot a);

@@ -3,7 +3,7 @@
     python train_stage1.py --config configs/s1.json --batch_size=16 --lr.clip=1e-5 --schedule.periods=[500,500]
 
 The dataclasses (afine.training.RunConfig and each stage script's) hold the published settings as defaults
-(README, "Train the three stages"). Nested fields use dotted names; `--key value` and hyphens (`--data-root`)
+(docs/training.md). Nested fields use dotted names; `--key value` and hyphens (`--data-root`)
 are accepted too. Unknown keys, wrong types and out-of-range values (the class's `check()`) are AfineErrors
 naming the file or option. Standard library only.
 """

@@ -30,7 +30,7 @@ from afine.errors import AfineError
 from afine.labels import MOSRecord, nlogn_triplets, write_triplets
 from afine.metrics import two_afc_accuracy
 from afine.model import load_afine
-from afine.training import check_state_file, lock_folder, read_log, state_files
+from afine.runfolder import check_state_file, lock_folder, read_log, state_files
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -652,7 +652,7 @@ def test_sigkill_mid_training_then_resume_ends_bitwise_like_an_uninterrupted_run
 HOLD_LOCK = """
 import os, sys, time
 from pathlib import Path
-from afine.training import lock_folder
+from afine.runfolder import lock_folder
 handle = lock_folder(Path(sys.argv[1]))
 child = os.fork()  # a child that outlives this process, as DataLoader workers do for a few seconds
 if child == 0:
