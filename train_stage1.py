@@ -19,10 +19,11 @@ if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load i
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
-from afine import training
+from afine import runfolder, training
 from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import clip_from_spec, state_dict_for_saving
 from afine.datasets import TripletDataset
@@ -75,9 +76,9 @@ def triplet_losses(model: AFINE, batch: dict, device: torch.device, amp: str,
     return rank_loss(n[i1], n[i2], g12) + rank_loss(n[i1], n[iy], g1y) + rank_loss(n[i2], n[iy], g2y)
 
 
-def validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[torch.Tensor, torch.Tensor]:
+def validation_scores(model: AFINE, batch: dict, device: torch.device, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(N(x1), N(x2)) for the 2AFC accuracy of g12."""
-    n, (i1, i2) = natural_scores(model, batch, run.dist.device, run.cfg.amp, names=("x1", "x2"))
+    n, (i1, i2) = natural_scores(model, batch, device, amp, names=("x1", "x2"))
     return n[i1], n[i2]
 
 
@@ -104,16 +105,21 @@ def train(cfg: Stage1Config, d: Dist) -> AFINE:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
 
-    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, data) as run:
-        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, validation_scores, model):
-            training.write_best(run, official_files(model))
+    with runfolder.start(cfg, d, trained, optimizer, scaler, batches.global_batch, data) as run:
+        # what a step's losses and validation's scores are computed from: decoded images (CLIP trains)
         loader = training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
-        for step in range(run.step, cfg.total_iter):
-            # this rank's share of global batch `step`, as same-shape micro-batches; gradients accumulate
-            loss_sum = torch.zeros((), device=d.device)
+
+        def micro_batch_losses(step: int):  # this rank's share of global batch `step`, as same-shape micro-batches
             for _ in batches.micro_batches(step):
-                batch = next(loader)
-                losses = triplet_losses(model, batch, d.device, cfg.amp, cfg.checkpoint_blocks)
+                yield triplet_losses(model, next(loader), d.device, cfg.amp, cfg.checkpoint_blocks)
+
+        scores = partial(validation_scores, model, device=d.device, amp=cfg.amp)
+
+        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, scores):
+            runfolder.write_best(run, official_files(model))
+        for step in range(run.step, cfg.total_iter):
+            loss_sum = torch.zeros((), device=d.device)
+            for losses in micro_batch_losses(step):  # gradients accumulate
                 scaler.scale(losses.sum() / batches.global_batch).backward()
                 loss_sum += losses.detach().sum()
             loss, grad_norm = training.sync_gradients(run, params, loss_sum, batches.global_batch, scaler)
@@ -125,10 +131,10 @@ def train(cfg: Stage1Config, d: Dist) -> AFINE:
             training.log_step(run, loss, lrs, grad_norm)
 
             if cfg.val_every and training.due(run.step, cfg.val_every, cfg.total_iter) and \
-                    training.validate(run, val_sets, validation_scores, model):
-                training.write_best(run, official_files(model))
+                    training.validate(run, val_sets, scores):
+                runfolder.write_best(run, official_files(model))
             if training.due(run.step, cfg.save_every, cfg.total_iter):
-                training.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)
+                runfolder.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)
     return model
 
 

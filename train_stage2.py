@@ -21,11 +21,12 @@ if __name__ == "__main__":  # a command: a Ctrl-C while the imports below load i
 
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from afine import cache, training
+from afine import cache, runfolder, training
 from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import build_clip, file_digests, read_clip_file, run_file, state_dict_for_saving
 from afine.datasets import TripletDataset
@@ -82,10 +83,6 @@ def triplet_losses(model: AFINE, batch: dict, device: torch.device, amp: str) ->
     return rank_loss(f1, f2, batch["g12"].to(device))
 
 
-def validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[torch.Tensor, torch.Tensor]:
-    return fidelity_scores(model, batch, run.dist.device, run.cfg.amp)
-
-
 def cached_fidelity_scores(model: AFINE, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(F(x1, y), F(x2, y)) from the pairs' cached S1, S2 (float16) with the head's current weights (float32)."""
     s1, s2 = batch["similarity"].to(device).float().flatten(0, 1).chunk(2, dim=1)
@@ -95,10 +92,6 @@ def cached_fidelity_scores(model: AFINE, batch: dict, device: torch.device) -> t
 def cached_losses(model: AFINE, batch: dict, device: torch.device) -> torch.Tensor:
     f1, f2 = cached_fidelity_scores(model, batch, device)
     return rank_loss(f1, f2, batch["g12"].to(device))
-
-
-def cached_validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[torch.Tensor, torch.Tensor]:
-    return cached_fidelity_scores(model, batch, run.dist.device)
 
 
 def official_files(model: AFINE) -> dict[str, object]:
@@ -122,23 +115,28 @@ def train(cfg: Stage2Config, d: Dist) -> AFINE:
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
     built_on = file_digests([Path(cfg.stage1_dir) / "clip_model.pth"])
 
-    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, data, built_on) as run:
-        caches, scores = None, validation_scores
-        if cfg.cache:  # S1, S2 of every (pair, augmentation) through the frozen CLIP once, or read from cache_dir
+    with runfolder.start(cfg, d, trained, optimizer, scaler, batches.global_batch, data, built_on) as run:
+        # where a step's losses and validation's scores come from, chosen once: the frozen CLIP's S1, S2 of every
+        # (pair, augmentation), computed once before training or read from cache_dir, or images decoded and encoded
+        if cfg.cache:
             train_cache, caches = cache.open_caches(cache.SIMILARITY, cfg, data, val_sets, model, built_on, d)
-            scores = cached_validation_scores
-        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, scores, model, caches):
-            training.write_best(run, official_files(model))
-        loader = None if cfg.cache else \
-            training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
+            scores = partial(cached_fidelity_scores, model, device=d.device)
+
+            def micro_batch_losses(step: int):  # this rank's share of global batch `step`, read from the cache at once
+                yield cached_losses(model, train_cache.read(batches.keys(step)), d.device)
+        else:
+            caches, scores = None, partial(fidelity_scores, model, device=d.device, amp=cfg.amp)
+            loader = training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
+
+            def micro_batch_losses(step: int):  # this rank's share of global batch `step`, as same-shape micro-batches
+                for _ in batches.micro_batches(step):
+                    yield triplet_losses(model, next(loader), d.device, cfg.amp)
+
+        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, scores, caches):
+            runfolder.write_best(run, official_files(model))
         for step in range(run.step, cfg.total_iter):
-            # this rank's share of global batch `step` (as same-shape micro-batches for CLIP); gradients accumulate
             loss_sum = torch.zeros((), device=d.device)
-            for keys in [batches.keys(step)] if cfg.cache else batches.micro_batches(step):
-                if cfg.cache:  # the step's triplets and augmentations, read from the cache
-                    losses = cached_losses(model, train_cache.read(keys), d.device)
-                else:  # decoded, augmented and encoded
-                    losses = triplet_losses(model, next(loader), d.device, cfg.amp)
+            for losses in micro_batch_losses(step):  # gradients accumulate
                 scaler.scale(losses.sum() / batches.global_batch).backward()
                 loss_sum += losses.detach().sum()
             loss, grad_norm = training.sync_gradients(run, params, loss_sum, batches.global_batch, scaler)
@@ -150,10 +148,10 @@ def train(cfg: Stage2Config, d: Dist) -> AFINE:
             training.log_step(run, loss, lrs, grad_norm)
 
             if cfg.val_every and training.due(run.step, cfg.val_every, cfg.total_iter) and \
-                    training.validate(run, val_sets, scores, model, caches):
-                training.write_best(run, official_files(model))
+                    training.validate(run, val_sets, scores, caches):
+                runfolder.write_best(run, official_files(model))
             if training.due(run.step, cfg.save_every, cfg.total_iter):
-                training.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)
+                runfolder.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)
     return model
 
 

@@ -25,16 +25,18 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from afine import cache, training
+from afine import cache, runfolder, training
 from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import (
     PART_FILES,
     build_clip,
     check_built_on,
+    earlier_runs,
     file_digests,
     load_strict,
     read_clip_file,
@@ -77,19 +79,16 @@ class Stage3Config(RunConfig):
 
 
 def resolve_stage_dirs(cfg: Stage3Config) -> None:
-    """Absolute stage2_dir and stage1_dir; stage1_dir defaults to (and must agree with) the one stage 2 used."""
+    """Absolute stage2_dir and stage1_dir; stage1_dir defaults to the one stage 2's config.json names. Whichever
+    folder it is, its files must be those stage 2 was trained on (its built_on.json, checked in train)."""
     stage2 = Path(cfg.stage2_dir).resolve()
     run_config = run_file(stage2, "config.json", 2)
-    try:
-        used = json.loads(run_config.read_text()).get("stage1_dir", "")
-    except (OSError, ValueError, AttributeError) as e:
-        raise AfineError(f"{run_config}: cannot read run config ({e})") from None
-    stage1 = Path(cfg.stage1_dir).resolve() if cfg.stage1_dir else Path(used) if used else None
-    if stage1 is None:
-        raise AfineError(f"{run_config}: names no stage1_dir; set stage1_dir")
-    if used and Path(used).resolve() != stage1:
-        raise AfineError(f"config key 'stage1_dir': {stage1} is not the stage-1 run stage 2 trained on ({used})")
-    cfg.stage1_dir, cfg.stage2_dir = str(stage1), str(stage2)
+    if not cfg.stage1_dir:
+        named = earlier_runs(stage2)
+        if not named:
+            raise AfineError(f"{run_config}: names no stage1_dir; set stage1_dir")
+        cfg.stage1_dir = str(named[-1])
+    cfg.stage1_dir, cfg.stage2_dir = str(Path(cfg.stage1_dir).resolve()), str(stage2)
 
 
 def read_nr_init(cfg: Stage3Config) -> None:
@@ -146,10 +145,6 @@ def triplet_losses(model: AFINE, batch: dict, device: torch.device, amp: str) ->
     return rank_loss(d1, d2, batch["g12"].to(device))
 
 
-def validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[torch.Tensor, torch.Tensor]:
-    return distortion_scores(model, batch, run.dist.device, run.cfg.amp)
-
-
 def cached_distortion_scores(model: AFINE, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(D(x1, y), D(x2, y)) from the cached N_raw(x1), N_raw(x2), N_raw(y), F_raw(x1, y), F_raw(x2, y)."""
     n, f = batch["natural"].to(device), batch["fidelity"].to(device)  # [3, B], [2, B]
@@ -159,10 +154,6 @@ def cached_distortion_scores(model: AFINE, batch: dict, device: torch.device) ->
 def cached_losses(model: AFINE, batch: dict, device: torch.device) -> torch.Tensor:
     d1, d2 = cached_distortion_scores(model, batch, device)
     return rank_loss(d1, d2, batch["g12"].to(device))
-
-
-def cached_validation_scores(model: AFINE, batch: dict, run: training.Run) -> tuple[torch.Tensor, torch.Tensor]:
-    return cached_distortion_scores(model, batch, run.dist.device)
 
 
 def official_files(model: AFINE) -> dict[str, object]:
@@ -195,23 +186,29 @@ def train(cfg: Stage3Config, d: Dist) -> AFINE:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
 
-    with training.start(cfg, d, trained, optimizer, scaler, batches.global_batch, data, built_on) as run:
-        caches, scores = None, validation_scores
-        if cfg.cache:  # N_raw, F_raw of every (pair, augmentation) through the frozen networks once, or from cache_dir
+    with runfolder.start(cfg, d, trained, optimizer, scaler, batches.global_batch, data, built_on) as run:
+        # where a step's losses and validation's scores come from, chosen once: the frozen networks' N_raw, F_raw of
+        # every (pair, augmentation), computed once before training or read from cache_dir, or images decoded and
+        # encoded
+        if cfg.cache:
             train_cache, caches = cache.open_caches(cache.SCORES, cfg, data, val_sets, model, built_on, d)
-            scores = cached_validation_scores
-        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, scores, model, caches):
-            training.write_best(run, official_files(model))
-        loader = None if cfg.cache else \
-            training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
+            scores = partial(cached_distortion_scores, model, device=d.device)
+
+            def micro_batch_losses(step: int):  # this rank's share of global batch `step`, read from the cache at once
+                yield cached_losses(model, train_cache.read(batches.keys(step)), d.device)
+        else:
+            caches, scores = None, partial(distortion_scores, model, device=d.device, amp=cfg.amp)
+            loader = training.loader(data, batches.sampler(run.step, cfg.total_iter), cfg.workers, d.device)
+
+            def micro_batch_losses(step: int):  # this rank's share of global batch `step`, as same-shape micro-batches
+                for _ in batches.micro_batches(step):
+                    yield triplet_losses(model, next(loader), d.device, cfg.amp)
+
+        if run.step == 0 and cfg.val_every and training.validate(run, val_sets, scores, caches):
+            runfolder.write_best(run, official_files(model))
         for step in range(run.step, cfg.total_iter):
-            # this rank's share of global batch `step` (as same-shape micro-batches for CLIP); gradients accumulate
             loss_sum = torch.zeros((), device=d.device)
-            for keys in [batches.keys(step)] if cfg.cache else batches.micro_batches(step):
-                if cfg.cache:  # the step's triplets and augmentations, read from the cache
-                    losses = cached_losses(model, train_cache.read(keys), d.device)
-                else:  # decoded, augmented and encoded
-                    losses = triplet_losses(model, next(loader), d.device, cfg.amp)
+            for losses in micro_batch_losses(step):  # gradients accumulate
                 scaler.scale(losses.sum() / batches.global_batch).backward()
                 loss_sum += losses.detach().sum()
             loss, grad_norm = training.sync_gradients(run, params, loss_sum, batches.global_batch, scaler)
@@ -223,10 +220,10 @@ def train(cfg: Stage3Config, d: Dist) -> AFINE:
             training.log_step(run, loss, lrs, grad_norm)
 
             if cfg.val_every and training.due(run.step, cfg.val_every, cfg.total_iter) and \
-                    training.validate(run, val_sets, scores, model, caches):
-                training.write_best(run, official_files(model))
+                    training.validate(run, val_sets, scores, caches):
+                runfolder.write_best(run, official_files(model))
             if training.due(run.step, cfg.save_every, cfg.total_iter):
-                training.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)
+                runfolder.save(run, trained, optimizer, scaler, official_files(model), batches.global_batch)
     return model
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -19,7 +21,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .clip import ARCHIVE_SCALARS, CLIP
-from .errors import AfineError
+from .errors import AfineError, warn
 from .torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 # Parts of the merged file, in the official order, and the per-network file holding each.
@@ -165,7 +167,8 @@ def read_run_folder(folder: Path, digests: dict[str, str], read: dict[Path, tupl
         if file.is_file():
             state = read_network_file(file) if part != "finetuned_clip" else read_clip_file(file, plain=True)
             parts[part], sources[part] = state, str(file)
-    taken = []  # the earlier stages' files combined with this folder's own
+    # the earlier stages' files combined with this folder's own stage (also those copied into the folder)
+    taken = [Path(sources[part]) for part in parts if PART_FILES[part] in trained_on(folder)]
     for earlier in earlier_runs(folder):
         more, more_sources = read_run_folder(earlier, digests, read)
         for part in more:
@@ -209,24 +212,90 @@ def file_digests(paths: list[Path], known: dict[str, str] | None = None) -> dict
     return {str(Path(p).resolve()): known[str(Path(p).resolve())] for p in paths}
 
 
-def check_built_on(run_dir: Path, files: list[Path], digests: dict[str, str] | None = None) -> None:
-    """A training run's built_on.json holds the SHA-256 of the earlier stages' files it was trained on. Each of
-    `files` (earlier stages' files about to be combined with it) that it names must have the recorded digest, so
-    a file changed since, or a config.json or stage folder pointing to another run, is refused. Files are matched
-    by name (clip_model.pth, net_qhead.pth, net_dhead.pth: one each), so a moved copy of a run still loads;
-    `digests` (absolute path -> SHA-256) spares hashing a file twice."""
+# The earlier stages' files a stage is trained on (its built_on.json records their SHA-256), by a file that only
+# that stage's run folder holds: stage 3 (net_finalscore.pth), stage 2 (net_dhead.pth); stage 1 on none.
+TRAINED_ON = (("net_finalscore.pth", ("clip_model.pth", "net_qhead.pth", "net_dhead.pth")),
+              ("net_dhead.pth", ("clip_model.pth",)))
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def trained_on(run_dir: Path) -> tuple[str, ...]:
+    """Names of the earlier stages' files the stage whose files `run_dir` holds was trained on."""
+    return next((names for own, names in TRAINED_ON if (run_dir / own).is_file()), ())
+
+
+def digests_by_name(record, source: str) -> dict[str, str]:
+    """A built_on record {path: SHA-256} as {file name: SHA-256}. Paths are relative to the run folder (or absolute,
+    as runs recorded them before), and only the name counts: the files are compared by content, wherever they are.
+    A record that is not such a mapping is an AfineError naming `source`."""
+    if not isinstance(record, dict):
+        raise AfineError(f"{source}: expected a JSON object {{file: SHA-256}}, found {type(record).__name__}")
+    names = {}
+    for path, digest in record.items():
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            raise AfineError(f"{source}: {path!r}: expected a SHA-256 (64 hex digits), found {digest!r}")
+        if names.setdefault(Path(path).name, digest) != digest:
+            raise AfineError(f"{source}: names two different {Path(path).name}")
+    return names
+
+
+def read_built_on(run_dir: Path) -> dict[str, str] | None:
+    """{file name: SHA-256} of the earlier stages' files a training run was trained on, from its built_on.json;
+    None for a run that has none (made before runs recorded it, or a plain folder of network files). A record
+    that is not a file, not JSON, or lacks a file the run's stage is trained on is an AfineError naming it."""
     record = run_dir / "built_on.json"
+    if not os.path.lexists(record):
+        return None
     if not record.is_file():
-        return
+        raise AfineError(f"{record}: not a file; expected the record of the earlier stages' files the run was "
+                         "trained on")
     try:
-        recorded = {Path(k).name: str(v) for k, v in json.loads(record.read_text()).items()}
-    except (OSError, ValueError, AttributeError) as e:
+        names = digests_by_name(json.loads(record.read_text()), str(record))
+    except (OSError, ValueError) as e:
         raise AfineError(f"{record}: cannot read ({e})") from None
-    for file in files:
-        if file.name in recorded and file_digests([file], digests)[str(file.resolve())] != recorded[file.name]:
-            raise AfineError(f"{run_dir} was trained on another {file.name} than {file} (its built_on.json records "
+    missing = [name for name in trained_on(run_dir) if name not in names]
+    if missing:
+        raise AfineError(f"{record}: names no {', '.join(missing)} (the run's stage is trained on "
+                         f"{', '.join(trained_on(run_dir))}); the record is damaged: retrain this stage")
+    return names
+
+
+def check_built_on(run_dir: Path, files: list[Path], digests: dict[str, str] | None = None) -> None:
+    """A training run's built_on.json holds the SHA-256 of the earlier stages' files it was trained on. `files`
+    are the earlier stages' files about to be combined with it; every file the record names must be among them
+    (matched by name: clip_model.pth, net_qhead.pth, net_dhead.pth, one each) with the recorded digest. So a file
+    changed since, a config.json or stage folder pointing to another run, or one naming none (a CLIP then taken
+    from elsewhere) is refused, while a moved copy of the runs loads. A run folder without the record (made before
+    runs kept one) is loaded with a warning naming it. `digests` (absolute path -> SHA-256) spares hashing a file
+    twice."""
+    recorded = read_built_on(run_dir)
+    if recorded is None:
+        if (run_dir / "config.json").is_file() and trained_on(run_dir):
+            warn(f"{run_dir}: no built_on.json (a run made before runs recorded it): the earlier stages' files it is "
+                 "combined with are not checked")
+        return
+    by_name = {Path(file).name: Path(file) for file in files}
+    for name, digest in recorded.items():
+        file = by_name.get(name)
+        if file is None:
+            raise AfineError(f"{run_dir} was trained on a {name} (its built_on.json), but its config.json names no "
+                             f"run folder holding one; restore the stage folder keys (stage1_dir, stage2_dir) it "
+                             "was trained with")
+        if file_digests([file], digests)[str(file.resolve())] != digest:
+            raise AfineError(f"{run_dir} was trained on another {name} than {file} (its built_on.json records "
                              "another SHA-256: the file changed since, or a folder now points to another run); "
                              "retrain this stage or point to the run folder it was trained on")
+
+
+EARLIER_RUNS = ("stage2_dir", "stage1_dir")  # config keys naming the earlier stages' run folders
+
+
+def earlier_run_path(run_dir: Path, value: str) -> Path:
+    """The folder a run's config.json names: relative to the run folder (as runs record it, so a runs tree moved
+    whole still finds its stages), or absolute (as runs recorded it before); a relative name that is not a folder
+    there is taken from the working folder (a config.json edited by hand)."""
+    folder = Path(value)
+    return folder if folder.is_absolute() or not (run_dir / folder).is_dir() else run_dir / folder
 
 
 def earlier_runs(run_dir: Path) -> list[Path]:
@@ -239,10 +308,11 @@ def earlier_runs(run_dir: Path) -> list[Path]:
     except (OSError, ValueError) as e:
         raise AfineError(f"{config_file}: cannot read run config ({e})") from None
     runs = []
-    for key in ("stage2_dir", "stage1_dir"):
+    for key in EARLIER_RUNS:
         if isinstance(config, dict) and config.get(key):
-            folder = Path(config[key])
-            folder = folder if folder.is_absolute() else (run_dir / folder if (run_dir / folder).is_dir() else folder)
+            if not isinstance(config[key], str):
+                raise AfineError(f"{config_file}: {key} {config[key]!r} is not a folder")
+            folder = earlier_run_path(run_dir, config[key])
             if not folder.is_dir():
                 raise AfineError(f"{config_file}: {key} {config[key]!r} is not a folder")
             runs.append(folder)

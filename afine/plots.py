@@ -26,7 +26,7 @@ from .atomic import PICTURES, atomic_write, check_not_input, check_writable, des
 from .benchmarks import SRIQA, Benchmark
 from .errors import AfineError, optional_import
 from .metrics import fit_logistic4, logistic4, two_afc_correct
-from .training import read_log
+from .runfolder import read_log
 
 DPI = 100
 PANEL = (6.4, 4.8)  # inches per panel of a benchmark's picture: 640 x 480 pixels at DPI

@@ -1,26 +1,13 @@
-"""What the three training stages share, as plain functions; each train_stageN.py writes its own loop with them.
-
-Run folder (`out_dir`): config.json (the resolved config), the stage's official files (the latest save),
-best/ (the official files of the validation with the best mean accuracy), saves/step_XXXXXXXX/ (every save's
-official files, with keep_saves), built_on.json (digests of the earlier stages' files it was trained on),
-log.jsonl, state/step_XXXXXXXX.pt + .json (training state and its checksum; the last two kept), and with
-tensorboard the same curves as log.jsonl in tb/ (docs/training.md, "Curves").
-A run holds a lock on its folder. Starting again with the same out_dir resumes bitwise from the newest
-intact state; a damaged one is skipped with a warning. Training draws no random numbers (batch order and
-augmentation are functions of seed, epoch and index), so a state is weights, optimiser, scaler and step.
+"""What one training step needs, shared by the three stages as plain functions; each train_stageN.py writes its
+own loop with them: the config every stage has, the optimiser and what trains, the loader, the gradient all-reduce,
+the learning-rate schedule, logging and validation (docs/training.md). The run folder (lock, resume, saving, the
+log file) is afine/runfolder.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
-import json
 import math
-import os
-import shutil
-import socket
 import sys
 import time
 import typing
@@ -30,23 +17,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import config as configs
 from . import distributed, interrupts
-from .atomic import write_json, write_text
 from .batches import shape_groups
-from .checkpoint import PART_FILES, atomic_save, load_strict, sha256
 from .datasets import ImageIndex, TripletDataset, collate_triplets, diffiqa_type_files, images_dir, resolve_triplets
-from .distributed import Dist
-from .errors import AfineError, optional_import, unwrap_worker_error, warn
+from .errors import AfineError, unwrap_worker_error
 from .metrics import two_afc_accuracy
+from .runfolder import Run, log, require_tensorboard, state_files
 from .schedule import cosine_restart_lr
-
-STATE_VERSION = 2
-KEEP_STATES = 2
-OFFICIAL_FILES = (*PART_FILES.values(), "afine.pth")
-
 
 # ---------------------------------------------------------------------------------------------- configuration
 
@@ -138,12 +117,6 @@ class RunConfig:
             need(not isinstance(value, float) or math.isfinite(value), f.name, f"must be finite, got {value}")
 
 
-# Fields a resumed run may change: they do not alter the training trajectory (the global batch is checked apart).
-RESUMABLE = ("total_iter", "val_every", "save_every", "keep_saves", "log_every", "val_datasets", "workers", "device",
-             "checkpoint_blocks", "resume", "overwrite", "data_root", "out_dir", "stage1_dir", "stage2_dir",
-             "batch_size", "grad_accum", "micro_batch", "cache", "cache_dir", "tensorboard")
-
-
 # ---------------------------------------------------------------------------------------------- model and data
 
 
@@ -179,230 +152,6 @@ def loader(data: TripletDataset, batches, workers: int, device: torch.device) ->
     """Collated batches for the lists of triplet keys `batches` yields, decoded by `workers` processes."""
     return interrupts.batches(torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate_triplets,
                                                           num_workers=workers, pin_memory=device.type == "cuda"))
-
-
-# ---------------------------------------------------------------------------------------------- the run folder
-
-
-def lists_digest(data: TripletDataset, data_root: str | Path) -> str:
-    """SHA-256 of what a run trains on: its triplets in order, image paths relative to data_root, and labels
-    (a moved copy of the same data gives the same digest)."""
-    root = str(Path(data_root)) + os.sep
-    rows = "\n".join(f"{str(x1).removeprefix(root)}\t{str(x2).removeprefix(root)}\t{str(y).removeprefix(root)}\t"
-                     f"{g12!r}\t{g1y!r}\t{g2y!r}" for x1, x2, y, g12, g1y, g2y in data.items)
-    return hashlib.sha256(rows.encode()).hexdigest()
-
-
-@dataclass
-class Run:
-    """Where a training run stands: its folder, step, best validation, log and progress bar."""
-
-    cfg: object
-    dist: Dist
-    out: Path
-    train_lists: str = ""  # lists_digest of the training lists
-    step: int = 0
-    best: dict = field(default_factory=lambda: {"step": None, "val_mean": -math.inf})
-    saved: int | None = None  # step of the newest state on disk
-    log_file: object = None
-    curves: object = None  # TensorBoard writer on tb/, with tensorboard
-    bar: object = None
-    lock: object = None
-    tick: tuple = (0.0, 0)
-
-    @property
-    def state_dir(self) -> Path:
-        return self.out / "state"
-
-    def __enter__(self) -> Run:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in (self.bar, self.curves, self.log_file, self.lock):
-            if handle is not None:
-                handle.close()
-        self.bar = self.curves = self.log_file = self.lock = None
-
-
-def state_files(state_dir: Path) -> list[tuple[int, Path]]:
-    """(step, state file) of every state file in the folder, newest first."""
-    found = []
-    for path in state_dir.glob("step_*.pt") if state_dir.is_dir() else []:
-        with contextlib.suppress(ValueError):
-            found.append((int(path.stem.split("_")[1]), path))
-    return sorted(found, reverse=True)
-
-
-def check_state_file(path: Path) -> dict | None:
-    """The state's metadata if the file matches its recorded size and SHA-256, else None."""
-    try:
-        meta = json.loads(path.with_suffix(".json").read_text())
-        if path.stat().st_size != meta["bytes"] or sha256(path) != meta["sha256"]:
-            return None
-        return meta
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def lock_folder(out: Path):
-    """An exclusive lock on out_dir/.lock held for the run; a second run on the folder fails naming the holder.
-
-    A POSIX record lock (fcntl): it belongs to this process alone, not to the DataLoader workers it forks (which
-    share a flock), so the kernel frees it the moment the process dies, however it dies."""
-    if out.exists() and not out.is_dir():
-        raise AfineError(f"{out}: out_dir is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / ".lock", "a+")
-    except OSError as e:
-        raise AfineError(f"{out}: cannot use as run folder ({e.strerror})") from None
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise AfineError(f"{out}: in use by another training run ({holder}); wait for it or use another out_dir") \
-            from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    return handle
-
-
-def remove_leftovers(out: Path) -> None:
-    """Temporary files of a killed run (each may be a whole training state) and half-swapped best/ folders."""
-    for folder in (out, out / "state", out / "best", *out.glob("saves/step_*")):
-        for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
-            tmp.unlink(missing_ok=True)
-    if (out / "best.old").is_dir() and not (out / "best").is_dir():
-        os.replace(out / "best.old", out / "best")
-    for name in ("best.tmp", "best.old"):
-        shutil.rmtree(out / name, ignore_errors=True)
-
-
-def fixed_keys_changed(saved: dict, cfg) -> list[str]:
-    """Dotted keys of `cfg` that differ from the saved config dict and that a resumed run may not change."""
-    return [k for k in configs.differences(saved, configs.to_dict(cfg)) if k.split(".")[0] not in RESUMABLE]
-
-
-def _plan(cfg, d: Dist, out: Path, global_batch: int, built_on: dict, train_lists: str) -> tuple[str, str | None]:
-    """Rank 0 decides: ('fresh', None) or ('resume', state file); user mistakes raise."""
-    states = state_files(out / "state")
-    if cfg.resume and states:
-        for _, path in states:
-            meta = check_state_file(path)
-            if meta is None:
-                warn(f"{path}: training state damaged (size or checksum mismatch); trying the previous one")
-                continue
-            changed = fixed_keys_changed(meta.get("config", {}), cfg)
-            if changed:
-                raise AfineError(f"{out}: config differs from the run being resumed in {', '.join(changed)}; use "
-                                 "the same values, or --resume=false --overwrite=true to start afresh")
-            if meta.get("global_batch") != global_batch:
-                raise AfineError(f"{out}: global batch {global_batch} (batch_size x grad_accum x {d.world_size} "
-                                 f"processes) differs from the run's {meta.get('global_batch')}; match it to resume")
-            recorded = meta.get("built_on", {})
-            if recorded != built_on:
-                moved = sorted(set(recorded) ^ set(built_on) | {k for k in recorded if recorded[k] != built_on.get(k)})
-                raise AfineError(f"{out}: was trained on other earlier-stage files than now ({', '.join(moved)} "
-                                 "changed or differ); resume with the same stage folders or start afresh")
-            if "train_lists" not in meta:
-                warn(f"{path}: records no digest of the training lists (saved by an older version); not checked")
-            elif meta["train_lists"] != train_lists:
-                raise AfineError(f"{out}: the training lists under data_root {cfg.data_root} differ from those the "
-                                 "run was trained on (other triplets, order or labels); resume on the same data, "
-                                 "or start afresh with --resume=false --overwrite=true")
-            if meta["step"] > cfg.total_iter:
-                raise AfineError(f"{out}: the run is at step {meta['step']}, beyond total_iter {cfg.total_iter}")
-            return "resume", str(path)
-        raise AfineError(f"{out / 'state'}: no intact training state left; start afresh with --resume=false "
-                         "--overwrite=true")
-    held = [name for name in (*OFFICIAL_FILES, "best", "saves", "state") if (out / name).exists()]
-    if held == ["best"] and _unsaved_start(out, cfg, built_on):
-        print(f"{out}: the same run stopped before its first save; starting it afresh", file=sys.stderr)
-    elif held and not cfg.overwrite:
-        how = "resume it (--resume=true), pass" if states else "it has no training state to resume; pass"
-        raise AfineError(f"{out}: holds an earlier run ({', '.join(held)}); {how} --overwrite=true to replace it, "
-                         "or use another out_dir")
-    for name in held + ["log.jsonl", "built_on.json", "tb"]:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    return "fresh", None
-
-
-def _unsaved_start(out: Path, cfg, built_on: dict) -> bool:
-    """Whether out_dir holds only the step-0 validation of this same run (stopped before its first save), which
-    a fresh start writes again: nothing to lose, so the same command starts afresh without --overwrite."""
-    try:
-        best = json.loads((out / "best" / "best.json").read_text())
-        saved = json.loads((out / "config.json").read_text())
-        saved_on = json.loads((out / "built_on.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return best.get("step") == 0 and not fixed_keys_changed(saved, cfg) and saved_on == built_on
-
-
-def start(cfg, d: Dist, trained: dict[str, nn.Module], optimizer, scaler, global_batch: int, data: TripletDataset,
-          built_on: dict | None = None) -> Run:
-    """Lock the run folder, then start afresh (every rank from rank 0's weights) or resume the newest state
-    (refused if the training lists `data`, the earlier stages' files `built_on` or fixed config keys changed)."""
-    out = Path(cfg.out_dir)
-    built_on = built_on or {}
-    run = Run(cfg, d, out)
-    plan = None
-    if d.is_main:
-        try:
-            run.train_lists = lists_digest(data, cfg.data_root)
-            run.lock = lock_folder(out)
-            remove_leftovers(out)
-            plan = _plan(cfg, d, out, global_batch, built_on, run.train_lists)
-        except AfineError as e:
-            plan = ("error", str(e))
-    plan = distributed.broadcast_object(d, plan)
-    if plan[0] == "error":
-        run.__exit__()
-        raise AfineError(plan[1])
-    if plan[0] == "resume":
-        path = Path(plan[1])
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("version") != STATE_VERSION:
-            raise AfineError(f"{path}: training state version {state.get('version')}, expected {STATE_VERSION}")
-        for name, module in trained.items():
-            load_strict(module, state["modules"][name], f"{path}[{name}]")
-        optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        run.step = run.saved = state["step"]
-        run.best = state["best"]
-    else:
-        distributed.broadcast_parameters(d, [p for m in trained.values() for p in m.parameters()])
-    if d.is_main:
-        write_json(out / "config.json", configs.to_dict(cfg))
-        write_json(out / "built_on.json", built_on)
-        print(json.dumps(configs.to_dict(cfg), indent=2))
-        if plan[0] == "resume":
-            _truncate_log(out / "log.jsonl", run.step)
-            print(f"resuming {out} from {Path(plan[1]).name} (step {run.step})", file=sys.stderr)
-        run.log_file = open(out / "log.jsonl", "a")
-        log(run, {"event": plan[0], "step": run.step, "world_size": d.world_size, "global_batch": global_batch})
-        if cfg.tensorboard:
-            run.curves = tensorboard_writer(out)
-        if run.step >= cfg.total_iter:
-            print(f"{out}: run finished at step {run.step} (total_iter {cfg.total_iter}); nothing to do. Raise "
-                  "total_iter to train on, or --resume=false --overwrite=true to start again.")
-        else:
-            run.bar = tqdm(total=cfg.total_iter, initial=run.step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    run.tick = (time.perf_counter(), run.step)
-    distributed.barrier(d)
-    return run
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after the resumed state (they will be run again)."""
-    if path.is_file():
-        write_text(path, "".join(json.dumps(r) + "\n" for r in read_log(path) if r.get("step", 0) <= step))
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -460,68 +209,15 @@ def log_step(run: Run, loss: float, lrs: dict[str, float], grad_norm: float) -> 
         run.tick = (time.perf_counter(), run.step)
 
 
-def log(run: Run, record: dict) -> None:
-    """One log.jsonl line (rank 0), and its scalars in TensorBoard with tensorboard."""
-    record = {**record, "time": time.time()}
-    if run.log_file is not None:
-        run.log_file.write(json.dumps(record) + "\n")
-        run.log_file.flush()
-    if run.curves is not None:
-        add_scalars(run.curves, record)
-
-
-def read_log(path: Path) -> list[dict]:
-    """The records of a log.jsonl; a line that is not JSON (the partial last line of a run being written) is
-    skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
-    return [r for r in records if isinstance(r, dict)]
-
-
-def require_tensorboard():
-    """TensorBoard's SummaryWriter (optional package `tensorboard`; imported only by runs that use it)."""
-    return optional_import("torch.utils.tensorboard", "tensorboard", "tensorboard",
-                           "--tensorboard=true").SummaryWriter
-
-
-def tensorboard_writer(out: Path):
-    """A TensorBoard writer on out_dir/tb/, which it first rewrites from log.jsonl (a resume has cut the log
-    back to the resumed step): the curves continue with every step once, whatever a killed run wrote past its
-    last save, and a resume that turns tensorboard on gets the curves from step 0."""
-    writer_class = require_tensorboard()
-    shutil.rmtree(out / "tb", ignore_errors=True)
-    writer = writer_class(str(out / "tb"), flush_secs=10)
-    for record in read_log(out / "log.jsonl"):
-        add_scalars(writer, record)
-    return writer
-
-
-def add_scalars(writer, record: dict) -> None:
-    """A log.jsonl record's scalars at its step and time: loss, learning rate per group, gradient norm and
-    speed of a logged step; validation accuracy per list and per dataset, and their mean."""
-    if "loss" in record:
-        scalars = {"train/loss": record["loss"], "train/grad_norm": record["grad_norm"],
-                   "train/steps_per_s": record["steps_per_s"], **{f"lr/{k}": v for k, v in record["lr"].items()}}
-    elif "val" in record:
-        scalars = {**{f"val/{k}": v for k, v in record["val"].items()}, "val/mean": record["val_mean"]}
-    else:
-        return
-    for tag, value in scalars.items():
-        writer.add_scalar(tag, value, record["step"], walltime=record["time"])
-
-
-# ---------------------------------------------------------------------------------------------- validate, save
+# ---------------------------------------------------------------------------------------------- validation
 
 
 @torch.no_grad()
-def validate(run: Run, sets: list[tuple[str, TripletDataset]], scores: Callable, model: nn.Module,
-             caches: list | None = None) -> bool:
+def validate(run: Run, sets: list[tuple[str, TripletDataset]], scores: Callable, caches: list | None = None) -> bool:
     """2AFC accuracy of g12 per validation list and per dataset, and their mean over datasets; logged.
-    Every rank scores its share of the shape-grouped batches, or with `caches` (one afine.cache.CachedList per
-    list) of the lists' cached statistics; the counts are summed over ranks.
-    `scores(model, batch, run)` -> (u1, u2), lower is better. Returns whether the mean is the best so far."""
+    Every rank scores its share of the shape-grouped batches of decoded images, or with `caches` (one
+    afine.cache.CachedList per list) of the lists' cached statistics; the counts are summed over ranks.
+    `scores(batch)` -> (u1, u2), lower is better. Returns whether the mean is the best so far."""
     tick, cfg, d = time.perf_counter(), run.cfg, run.dist
     cap = min(cfg.batch_size, max(1, cfg.micro_batch // 3)) if cfg.micro_batch else cfg.batch_size
     counts = torch.zeros(len(sets), 2, dtype=torch.float64)
@@ -533,7 +229,7 @@ def validate(run: Run, sets: list[tuple[str, TripletDataset]], scores: Callable,
             mine = [list(range(i, min(i + cap, len(data)))) for i in range(0, len(data), cap)][d.rank::d.world_size]
             batches = map(caches[k].read, mine)
         for batch in batches:
-            u1, u2 = scores(model, batch, run)
+            u1, u2 = scores(batch)
             _, correct, pairs = two_afc_accuracy(u1.float().cpu(), u2.float().cpu(), batch["g12"])
             counts[k] += torch.tensor([correct, pairs], dtype=torch.float64)
     counts = distributed.all_reduce_sum(d, counts.to(d.device)).cpu()
@@ -555,53 +251,6 @@ def validate(run: Run, sets: list[tuple[str, TripletDataset]], scores: Callable,
         (run.bar.write if run.bar else print)(f"step {run.step}: validation 2AFC mean {mean:.4f} ({text})",
                                               file=sys.stderr)
     return best
-
-
-def write_official(folder: Path, files: dict[str, object]) -> None:
-    """The stage's official network files (name -> object for torch.save), each written atomically."""
-    for name, obj in files.items():
-        atomic_save(obj, folder / name)
-
-
-def write_best(run: Run, files: dict[str, object]) -> None:
-    """best/: the official files of the best validation so far, swapped in whole (never half old, half new)."""
-    if not run.dist.is_main:
-        return
-    tmp, best, old = run.out / "best.tmp", run.out / "best", run.out / "best.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_official(tmp, files)
-    write_json(tmp / "best.json", run.best)
-    if best.is_dir():
-        os.replace(best, old)
-    os.replace(tmp, best)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save(run: Run, trained: dict[str, nn.Module], optimizer, scaler, files: dict[str, object],
-         global_batch: int) -> None:
-    """The training state (atomic, with its checksum; the last two kept) and the official files (rank 0)."""
-    if run.dist.is_main:
-        path = run.state_dir / f"step_{run.step:08d}.pt"
-        state = {"version": STATE_VERSION, "step": run.step, "best": run.best,
-                 "modules": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
-                             for name, m in trained.items()},
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
-        atomic_save(state, path)
-        built_on = json.loads((run.out / "built_on.json").read_text())
-        finished = run.step >= run.cfg.total_iter
-        write_json(path.with_suffix(".json"), {"step": run.step, "finished": finished, "bytes": path.stat().st_size,
-                                               "sha256": sha256(path), "global_batch": global_batch,
-                                               "built_on": built_on, "train_lists": run.train_lists,
-                                               "config": configs.to_dict(run.cfg)})
-        for _, stale in state_files(run.state_dir)[KEEP_STATES:]:
-            stale.unlink(missing_ok=True)
-            stale.with_suffix(".json").unlink(missing_ok=True)
-        write_official(run.out, files)
-        if run.cfg.keep_saves:
-            write_official(run.out / "saves" / f"step_{run.step:08d}", files)
-        log(run, {"step": run.step, "saved": path.name, "finished": finished})
-    run.saved = run.step
-    distributed.barrier(run.dist)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -30,7 +30,7 @@ from afine.errors import AfineError
 from afine.labels import MOSRecord, nlogn_triplets, write_triplets
 from afine.metrics import two_afc_accuracy
 from afine.model import load_afine
-from afine.training import check_state_file, lock_folder, read_log, state_files
+from afine.runfolder import check_state_file, lock_folder, read_log, state_files
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_stage2_step_trains_fidelity_head_only_and_encodes_each_image_once(synth
     assert encoded == distinct and distinct[0] < 3 * cfg.batch_size
     assert changed_keys(before, weights(model)) == {"fidelity.alpha", "fidelity.beta"}
     saved = json.loads((tmp_path / "s2" / "config.json").read_text())
-    assert saved["stage1_dir"] == str(stage1_run.resolve())
+    assert saved["stage1_dir"] == os.path.relpath(stage1_run.resolve(), (tmp_path / "s2").resolve())  # a tree moves
     stage1_clip = torch.load(stage1_run / "clip_model.pth", weights_only=True)
     assert all(torch.equal(stage1_clip[k], v) for k, v in model.clip.state_dict().items())
 
@@ -221,8 +221,9 @@ def test_stage3_step_trains_mappings_and_adapter_only(synth, stage2_run, tmp_pat
     assert before["natural_scale.yita3"].item() == pytest.approx(4.9592)
     assert before["natural_scale.yita4"].item() == pytest.approx(21.5968)
     saved = json.loads((tmp_path / "s3" / "config.json").read_text())
-    assert saved["stage2_dir"] == str(stage2_run.resolve())
-    assert saved["stage1_dir"] == json.loads((stage2_run / "config.json").read_text())["stage1_dir"]
+    assert saved["stage2_dir"] == os.path.relpath(stage2_run.resolve(), (tmp_path / "s3").resolve())
+    used = json.loads((stage2_run / "config.json").read_text())["stage1_dir"]
+    assert (tmp_path / "s3" / saved["stage1_dir"]).resolve() == (stage2_run / used).resolve()
 
 
 def test_run_folders_load_in_our_tools(synth, stage1_run, stage2_run, tmp_path):
@@ -546,6 +547,38 @@ def test_tensorboard_curves_continue_across_a_resume_with_every_step_once(square
     assert [e.step for e in scalar_events(out / "tb")["train/loss"]] == list(range(1, 11))
 
 
+def test_a_damaged_log_line_is_named_and_never_dropped_before_the_resumed_step(square, tmp_path, monkeypatch,
+                                                                               capsys):
+    """`afine curves` (plots.run_curves) and a resume read log.jsonl: a line that is not a record (cut short, or
+    without its "step") is skipped with a warning naming the file and line; a resume keeps it where it lies before
+    the resumed step and drops it only past that step, with the lines it cuts back."""
+    from afine import plots
+
+    out, over = tmp_path / "s1", dict(total_iter=6, save_every=4)
+    kill_at(monkeypatch, 6)  # dies in step 6: step 5 was logged past the step-4 save
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1.train(stage1_config(square, out, **over), Dist())
+    monkeypatch.undo()
+    log = out / "log.jsonl"
+    lines = log.read_text().splitlines()
+    at = {json.loads(line)["step"]: i for i, line in enumerate(lines) if "loss" in json.loads(line)}
+    lines[at[2]] = lines[at[2]][:30]  # cut short: not JSON
+    lines[at[5]] = '{"loss": 0.5}'  # no step
+    log.write_text("".join(line + "\n" for line in lines))
+    capsys.readouterr()
+    assert [step for step, _ in plots.run_curves(out)["loss"]] == [1, 3, 4]
+    what = 'not a log record (a JSON object with an integer "step")'
+    assert capsys.readouterr().err == f"warning: {log}: lines {at[2] + 1}, {at[5] + 1} {what}; skipped\n"
+    train_stage1.train(stage1_config(square, out, **over), Dist())
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == [f"warning: {log}: line {at[2] + 1} {what}; kept (before the resumed step)",
+                        f"warning: {log}: line {at[5] + 1} {what}; dropped (past the resumed step)"]
+    resumed = log.read_text().splitlines()
+    saved = next(i for i, line in enumerate(lines) if '"saved"' in line)
+    assert resumed[:saved + 1] == lines[:saved + 1]  # up to the step-4 save, byte for byte, the damaged line too
+    assert [r["step"] for r in read_log(log, quiet=True) if "loss" in r] == [1, 3, 4, 5, 6]
+
+
 def test_tensorboard_missing_is_one_error_line_before_any_work(square, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
@@ -561,33 +594,65 @@ def test_tensorboard_missing_is_one_error_line_before_any_work(square, tmp_path,
 # ---------------------------------------------------------------------------------------------- run folder
 
 
+KILLED_IN_STEP = """
+import os, signal, sys, torch
+torch.set_num_threads(1)
+import train_stage1
+step, losses, calls = int(sys.argv[1]), train_stage1.triplet_losses, []
+def dying(*a, **k):  # a SIGKILL while computing step `step`: no handler, no clean-up runs
+    calls.append(1)
+    if len(calls) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return losses(*a, **k)
+train_stage1.triplet_losses = dying
+sys.exit(train_stage1.main(sys.argv[2:]))
+"""
+
+
 def test_sigkill_mid_training_then_resume_ends_bitwise_like_an_uninterrupted_run(square, tmp_path):
+    """Run b is killed by the test right after a save (the step-4 state appears; the kill lands a few steps later
+    at most), run c kills itself between saves: in step 6, after step 5 was logged past the step-4 save. Both
+    resume to the weights of an uninterrupted run, with every step logged once."""
     over = dict(total_iter=14, save_every=2, train_datasets="KADID10K")
     reference = run_uninterrupted(square, tmp_path / "a", **over)
-    argv = args(square, tmp_path / "b", clip="random-tiny", **{"lr.clip": 1e-3, "lr.natural": 1e-3}, **over)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     code = "import sys, torch; torch.set_num_threads(1); import train_stage1; sys.exit(train_stage1.main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "b" / "state" / "step_00000004.json").is_file():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its fourth step was saved"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    runs = {}
+    for run, program in (("b", [code]), ("c", [KILLED_IN_STEP, "6"])):
+        argv = args(square, tmp_path / run, clip="random-tiny", **{"lr.clip": 1e-3, "lr.natural": 1e-3}, **over)
+        runs[run] = subprocess.Popen([sys.executable, "-c", *program, *argv], env=env, cwd=tmp_path,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "b" / "state" / "step_00000004.json").is_file():
+            assert runs["b"].poll() is None and time.time() < deadline, "run b ended before its step-4 save"
+            time.sleep(0.02)
+        os.killpg(runs["b"].pid, signal.SIGKILL)
+        assert runs["c"].wait(timeout=max(1, deadline - time.time())) == -signal.SIGKILL
+    finally:
+        for proc in runs.values():  # the whole process group, whatever happened: nothing is left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     killed_at = max(s for s, _ in state_files(tmp_path / "b" / "state"))
     assert 4 <= killed_at < 14
+    assert [s for s, _ in state_files(tmp_path / "c" / "state")] == [4, 2]
+    assert [r["step"] for r in read_log(tmp_path / "c" / "log.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
     orphan = tmp_path / "b" / "state" / ".step_00000099.pt.x.tmp"  # what a kill inside a save leaves behind
     orphan.write_bytes(b"partial")
-    resumed = weights(train_stage1.train(stage1_config(square, tmp_path / "b", **over), Dist()))
-    assert all(torch.equal(resumed[k], v) for k, v in reference.items())
+    for run, saved in (("b", killed_at), ("c", 4)):
+        resumed = weights(train_stage1.train(stage1_config(square, tmp_path / run, **over), Dist()))
+        assert all(torch.equal(resumed[k], v) for k, v in reference.items()), run
+        records = read_log(tmp_path / run / "log.jsonl")
+        assert [r["step"] for r in records if r.get("event") == "resume"] == [saved]  # from the newest state
+        assert [r["step"] for r in records if "loss" in r] == list(range(1, 15))  # every step logged once
     assert not orphan.exists()
 
 
 HOLD_LOCK = """
 import os, sys, time
 from pathlib import Path
-from afine.training import lock_folder
+from afine.runfolder import lock_folder
 handle = lock_folder(Path(sys.argv[1]))
 child = os.fork()  # a child that outlives this process, as DataLoader workers do for a few seconds
 if child == 0:
@@ -682,6 +747,105 @@ def test_a_run_folder_now_pointing_to_another_earlier_run_is_refused_a_moved_cop
         shutil.move(tmp_path / "gone", stage1_run)
     assert torch.equal(model.clip.visual.ln_pre.bias, torch.load(stage1_run / "clip_model.pth",
                                                                   weights_only=True)["visual.ln_pre.bias"])
+
+
+def runs_tree(stage1_run: Path, stage2_run: Path, tree: Path) -> tuple[Path, Path]:
+    """Copies of the stage-1 and stage-2 runs side by side in `tree`, the stage 2 naming its stage 1 as runs do."""
+    import shutil
+
+    s1, s2 = shutil.copytree(stage1_run, tree / "s1"), shutil.copytree(stage2_run, tree / "s2")
+    (s2 / "config.json").write_text(json.dumps({**json.loads((s2 / "config.json").read_text()), "stage1_dir": "../s1"}))
+    return Path(s1), Path(s2)
+
+
+def change_clip(stage1: Path) -> None:
+    clip = torch.load(stage1 / "clip_model.pth", weights_only=True)
+    clip["visual.ln_pre.bias"] += 0.1
+    torch.save(clip, stage1 / "clip_model.pth")
+
+
+@pytest.mark.parametrize("damage", ["empty", "renamed key", "folder", "not JSON", "a list", "not a digest"])
+def test_a_damaged_built_on_record_is_one_error_line_naming_it(synth, stage1_run, stage2_run, tmp_path, capsys,
+                                                               damage):
+    s1, s2 = runs_tree(stage1_run, stage2_run, tmp_path / "R")
+    change_clip(s1)  # beside a damaged record, a changed stage 1 must not pass unnoticed
+    record = s2 / "built_on.json"
+    saved = json.loads(record.read_text())
+    [(path, digest)] = saved.items()
+    if damage == "folder":
+        record.unlink()
+        record.mkdir()
+    else:
+        record.write_text({"empty": "{}", "renamed key": json.dumps({path + ".old": digest}), "not JSON": "{'a': 1",
+                           "a list": json.dumps([path, digest]), "not a digest": json.dumps({path: 5})}[damage])
+    with pytest.raises(AfineError) as refused:
+        load_afine(None, s2, require=("fidelity",))  # what evaluate.py --weights s2 --stage 2 loads
+    message = str(refused.value)
+    assert message.startswith(f"{record}: ") and "\n" not in message, message
+    assert train_stage3.main(args(synth, tmp_path / "s3", stage2_dir=s2)) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "s3" / "log.jsonl").exists()
+
+
+def test_a_run_without_built_on_record_loads_with_a_warning_naming_it(stage1_run, stage2_run, tmp_path, capsys):
+    """Runs made before built_on.json existed: nothing to check against, which is said; stage 1 has nothing."""
+    s1, s2 = runs_tree(stage1_run, stage2_run, tmp_path / "R")
+    (s1 / "built_on.json").unlink()
+    (s2 / "built_on.json").unlink()
+    model = load_afine(None, s2, require=("natural", "fidelity"))
+    assert capsys.readouterr().err == f"warning: {s2}: no built_on.json (a run made before runs recorded it): the " \
+        "earlier stages' files it is combined with are not checked\n"
+    fidelity = read_network_file(s2 / "net_dhead.pth")
+    assert all(torch.equal(v, fidelity[k]) for k, v in model.fidelity.state_dict().items())
+    load_afine(None, s1, require=("natural",))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_run_folder_naming_no_stage1_is_not_combined_with_another_clip(stage1_run, stage2_run, tmp_path):
+    """config.json tells where the earlier stages are, built_on.json what they were: with stage1_dir removed the
+    record names a CLIP that nothing provides, and a CLIP given apart (--clip) is not taken in its place."""
+    s1, s2 = runs_tree(stage1_run, stage2_run, tmp_path / "R")
+    saved = json.loads((s2 / "config.json").read_text())
+    del saved["stage1_dir"]
+    (s2 / "config.json").write_text(json.dumps(saved))
+    other = tmp_path / "other_clip.pth"
+    torch.save(torch.load(s1 / "clip_model.pth", weights_only=True), other)
+    with pytest.raises(AfineError) as refused:
+        load_afine(other, s2, require=("fidelity",))
+    assert str(refused.value) == f"{s2} was trained on a clip_model.pth (its built_on.json), but its config.json " \
+        "names no run folder holding one; restore the stage folder keys (stage1_dir, stage2_dir) it was trained with"
+
+
+def test_a_runs_tree_moved_whole_resumes_and_evaluates_from_its_new_place(synth, tmp_path, monkeypatch, capsys):
+    """R holds s1, s2 and s3, named relatively on the command line; after `mv R R2` (R gone) stages 2 and 3 resume
+    and evaluate.py scores with them: config.json and built_on.json name the earlier stages relative to the run
+    folder, and a resume compares the earlier stages' files by content, not by path."""
+    import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    assert train_stage1.main(args(synth, "R/s1", clip="random-tiny", total_iter=1)) == 0
+    assert train_stage2.main(args(synth, "R/s2", stage1_dir="R/s1", total_iter=1)) == 0
+    assert train_stage3.main(args(synth, "R/s3", stage2_dir="R/s2", total_iter=1)) == 0
+    assert json.loads(Path("R/s2/config.json").read_text())["stage1_dir"] == "../s1"
+    assert json.loads(Path("R/s3/config.json").read_text())["stage2_dir"] == "../s2"
+    assert list(json.loads(Path("R/s3/built_on.json").read_text())) == [
+        "../s1/clip_model.pth", "../s1/net_qhead.pth", "../s2/net_dhead.pth"]
+    os.rename("R", "R2")
+    capsys.readouterr()
+    bench = ["--data-root", str(synth), "--bench", "kadid10k", "--workers", "0", "--no-progress"]
+    assert train_stage3.main(args(synth, "R2/s3", stage2_dir="R2/s2", total_iter=2)) == 0
+    adapter, saved = load_afine(None, "R2/s3").adapter, read_network_file("R2/s3/net_finalscore.pth")
+    assert all(torch.equal(v, saved[k]) for k, v in adapter.state_dict().items())
+    assert train_stage2.main(args(synth, "R2/s2", stage1_dir="R2/s1", total_iter=2)) == 0
+    assert evaluate.main([*bench, "--weights", "R2/s2", "--stage", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("\nkadid10k ") == 1 and "error" not in out.err and "warning" not in out.err, out.err
+    for run in ("s2", "s3"):
+        assert [(r["event"], r["step"]) for r in read_log(Path("R2") / run / "log.jsonl") if "event" in r] == [
+            ("fresh", 0), ("resume", 1)]
+    assert not Path("R").exists()
+    with pytest.raises(AfineError, match="R2/s3 was trained on another net_dhead.pth"):
+        load_afine(None, "R2/s3")  # by content: s3 was trained on the s2 of step 1, which the resume replaced
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
