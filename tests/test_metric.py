@@ -134,7 +134,9 @@ def test_reset_starts_again(data, model):
     metric, fresh = AFINEMetric(model, reduction="none"), AFINEMetric(model, reduction="none")
     metric.update(a, a_ref)
     metric.reset()
-    assert metric.count.item() == 0 and metric.total.item() == 0 and metric.compute().numel() == 0
+    assert metric.count.item() == 0 and metric.total.item() == 0
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert metric.compute().numel() == 0
     metric.update(b, b_ref)
     fresh.update(b, b_ref)
     assert torch.equal(metric.compute(), fresh.compute())
@@ -190,6 +192,20 @@ def test_model_follows_the_metric_dtype(data, scored, model):
     output, reference = batches(pairs)[1]
     metric.update(output, reference)
     assert metric.compute().item() == pytest.approx(scored[2]["afine_all_scale"], rel=1e-4)
+
+
+def test_precision_is_that_of_the_clip_forward_pass(data, model):
+    """precision="bf16" scores as model(..., precision="bf16") does (afine score --precision bf16), not as fp32."""
+    _, _, pairs = data
+    metric = AFINEMetric(model, reduction="none", precision="bf16")
+    expected, fp32 = [], []
+    for output, reference in batches(pairs)[:3]:
+        metric.update(output, reference)
+        with torch.no_grad():
+            expected.append(model(output, reference, precision="bf16")["afine_all_scale"])
+            fp32.append(model(output, reference)["afine_all_scale"])
+    torch.testing.assert_close(metric.compute(), torch.cat(expected), rtol=0, atol=1e-5)
+    assert not torch.allclose(metric.compute(), torch.cat(fp32), rtol=0, atol=1e-4)
 
 
 def bad(shape=(2, 3, 40, 40), fill=0.5, dtype=torch.float32):
