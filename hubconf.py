@@ -14,9 +14,10 @@ def afine(weights=None, clip=None, **kwargs):
 
     weights: None for the released afine.pth (downloaded on first use to the torch hub cache), or an afine.pth or
     run folder of your own; clip: a CLIP checkpoint for weights without a fine-tuned CLIP.
-    Example:
-        model = torch.hub.load(REPO, "afine")
-        model(dis, ref)["afine_all_scale"]  # dis, ref: RGB in [0, 1], [B, 3, H, W], sides >= 32 px
+    Example (repo: the GitHub "owner/name" this came from, or a clone's folder with source="local"):
+        model = torch.hub.load(repo, "afine")
+        with torch.no_grad():
+            model(dis, ref)["afine_all_scale"]  # dis, ref: RGB in [0, 1], [B, 3, H, W], sides >= 32 px
     """
     from afine.download import released_weights
     from afine.model import load_afine
@@ -30,7 +31,7 @@ def afine_loss(term="afine_all", weights=None, **kwargs):
     term: afine_all (default), afine_all_scale, afine_fr or afine_nr; weights as for "afine" (None: the released
     afine.pth); other keywords (reduction, amp, checkpoint_blocks, clip) go to AFINELoss.
     Example:
-        criterion = torch.hub.load(REPO, "afine_loss", term="afine_all")
+        criterion = torch.hub.load(repo, "afine_loss", term="afine_all")
         loss = l1(output, gt) + 0.1 * criterion(output, gt)
     """
     from afine.afine_loss import AFINELoss
