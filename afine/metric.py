@@ -60,7 +60,7 @@ class AFINEMetric(torchmetrics.Metric):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.term, self.reduction, self.precision = term, reduction, precision
         if not isinstance(weights, AFINE):
-            weights = load_afine(clip, released_weights() if weights is None else weights)
+            weights = load_afine(clip=clip, weights=released_weights() if weights is None else weights)
         self.afine = weights.requires_grad_(False).eval()
         self.register_state_dict_post_hook(drop_model_weights)
         self.register_load_state_dict_pre_hook(keep_model_weights)
