@@ -5,12 +5,15 @@ import importlib
 from .errors import AfineError
 
 __all__ = ["AFINE", "AFINELoss", "AfineError", "TERMS", "load_afine", "load_image"]
-_FROM = {"AFINE": "model", "AFINELoss": "afine_loss", "TERMS": "model", "load_afine": "model", "load_image": "image"}
+# AFINEMetric needs the optional torchmetrics, so it is not in __all__ (`from afine import *` works without it)
+_FROM = {"AFINE": "model", "AFINELoss": "afine_loss", "AFINEMetric": "metric", "TERMS": "model", "load_afine": "model",
+         "load_image": "image"}
 
 
 def __getattr__(name: str):
-    """The model, the loss and the image loader, imported on first use: `import afine` alone does not load torch, so a
-    command (`python -m afine ...`) handles a Ctrl-C that arrives while torch loads (afine/interrupts.py)."""
+    """The model, the loss, the torchmetrics metric and the image loader, imported on first use: `import afine`
+    alone does not load torch (so a command, `python -m afine ...`, handles a Ctrl-C that arrives while torch loads:
+    afine/interrupts.py) nor the optional torchmetrics."""
     if name not in _FROM:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{_FROM[name]}"), name)
