@@ -114,10 +114,11 @@ def load_afine(clip: str | Path | None, weights: str | Path | None, require: tup
     The fine-tuned CLIP inside the weights, when present, replaces the CLIP checkpoint's weights.
     `require` names the parts the caller needs; a missing one is an AfineError naming the weights path.
     `default_clip` is read when no `clip` is given and the weights hold no fine-tuned CLIP.
-    The model is for scoring: CLIP's text tower is checked but not loaded (A-FINE never runs it), and a float32
-    image tower is used from the memory-mapped file. `text_tower=True` loads the whole CLIP, to train or save it.
+    The model is for scoring: CLIP's text tower has its keys and shapes checked but is never read (A-FINE never
+    runs it). `text_tower=True` loads the whole CLIP, to train or save it. The model holds its own copy of every
+    tensor: a file changed afterwards changes nothing.
     """
-    parts, sources = read_afine_parts(weights) if weights is not None else ({}, {})
+    parts, sources = read_afine_parts(weights, text_tower) if weights is not None else ({}, {})
     missing = [p for p in require if p not in parts]
     if missing:
         raise AfineError(f"{weights}: A-FINE parts missing: {', '.join(missing)}")
@@ -130,7 +131,7 @@ def load_afine(clip: str | Path | None, weights: str | Path | None, require: tup
         if not Path(clip).is_file():
             raise AfineError(f"{clip}: CLIP checkpoint not found ({weights} holds no fine-tuned CLIP; --clip points "
                              "to one)")
-        clip_state, clip_source = read_clip_file(clip), str(clip)
+        clip_state, clip_source = read_clip_file(clip, text_tower=text_tower), str(clip)
     else:
         raise AfineError(f"{weights}: holds no fine-tuned CLIP; give the CLIP checkpoint (--clip)")
     model = AFINE(build_clip(clip_state, clip_source, text_tower))
