@@ -53,7 +53,7 @@ class AFINELoss(nn.Module):
             raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
         self.term, self.reduction, self.amp = term, reduction, amp
         self.checkpoint_blocks, self.save_weights = checkpoint_blocks, save_weights
-        self.afine = weights if isinstance(weights, AFINE) else load_afine(clip, weights, require=LOSS_TERMS[term])
+        self.afine = weights if isinstance(weights, AFINE) else load_afine(weights, clip=clip, require=LOSS_TERMS[term])
         self.afine.requires_grad_(False).eval()
         self.register_state_dict_post_hook(drop_frozen_weights)
         self.register_load_state_dict_pre_hook(keep_frozen_weights)

@@ -60,12 +60,12 @@ def torch_load(path: str | Path, unread: Callable[[tuple], bool] | None = None):
     except OSError as e:
         raise AfineError(f"{path}: cannot read checkpoint ({e.strerror or e})") from None
     with f:
-        stamp = file_stamp(f)
+        stamp = file_stamp(os.fstat(f.fileno()))
         try:
             obj, error = read_checkpoint(f, unread), None
         except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
             obj, error = None, e
-        if file_stamp(f) != stamp:
+        if file_stamp(os.fstat(f.fileno())) != stamp:
             raise AfineError(f"{path}: changed while being read (is something writing it?); run again once it is "
                              "written") from None
     if error is not None:
@@ -73,9 +73,8 @@ def torch_load(path: str | Path, unread: Callable[[tuple], bool] | None = None):
     return obj
 
 
-def file_stamp(f) -> tuple[int, int, int, int]:
-    """What a write to an open file changes: its size, modification and change times (and its inode)."""
-    st = os.fstat(f.fileno())
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What writing or replacing a file changes: its inode, size, modification and change times."""
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
@@ -143,6 +142,16 @@ def map_tensors(obj, fn: Callable[[torch.Tensor, tuple], torch.Tensor], keys: tu
 def is_text_tower(key) -> bool:
     """A CLIP state-dict key outside the image tower (`visual.`): scoring never reads these tensors."""
     return not str(key).removeprefix("module.").startswith("visual.")
+
+
+def left_unread(towers: str) -> Callable[[str], bool] | None:
+    """Which CLIP keys a read of `towers` leaves unread: "image" (scoring) leaves the text tower's, "text" (exporting
+    a model loaded for scoring) the image tower's, "both" none."""
+    if towers not in ("both", "image", "text"):
+        raise ValueError(f"towers must be 'both', 'image' or 'text', got {towers!r}")
+    if towers == "both":
+        return None
+    return is_text_tower if towers == "image" else lambda key: not is_text_tower(key)
 
 
 def load_error_reason(error: Exception) -> str:
@@ -222,22 +231,24 @@ def save_network_file(path: str | Path, module_or_state: nn.Module | dict) -> No
     atomic_save({"params": state_dict_for_saving(module_or_state)}, path)
 
 
-def read_afine_parts(path: str | Path, text_tower: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]],
-                                                                          dict[str, str]]:
+def read_afine_parts(path: str | Path, towers: str = "both") -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                                     dict[str, str]]:
     """The A-FINE parts from a merged `afine.pth` or a folder of per-network files.
 
     Returns (parts, sources): part name -> state dict, and part name -> where it came from (for errors).
     A folder may hold only some parts (a stage-1 or stage-2 run); callers check what they need.
-    `text_tower=False` (scoring) leaves the fine-tuned CLIP's text tower unread: meta tensors, shapes only.
+    `towers` "image" (scoring) leaves the fine-tuned CLIP's text tower unread (meta tensors, shapes only), "text"
+    its image tower.
     """
     path = Path(path)
     if path.is_dir():
-        parts, sources = read_run_folder(path, {}, {}, text_tower)
+        parts, sources = read_run_folder(path, {}, {}, towers)
         if not parts:
             raise AfineError(f"{path}: no A-FINE checkpoint files ({', '.join(PART_FILES.values())}) in this folder")
         return parts, sources
-    obj = torch_load(path, None if text_tower else
-                     lambda keys: len(keys) == 2 and keys[0] == "finetuned_clip" and is_text_tower(keys[1]))
+    skip = left_unread(towers)
+    obj = torch_load(path, None if skip is None else
+                     lambda keys: len(keys) == 2 and keys[0] == "finetuned_clip" and skip(keys[1]))
     if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
         raise AfineError(f"{path}: not a merged A-FINE checkpoint (expected a dict of state dicts)")
     missing = [p for p in PART_FILES if p not in obj]
@@ -248,7 +259,7 @@ def read_afine_parts(path: str | Path, text_tower: bool = True) -> tuple[dict[st
 
 
 def read_run_folder(folder: Path, digests: dict[str, str], read: dict[Path, tuple],
-                    text_tower: bool = True) -> tuple[dict, dict]:
+                    towers: str = "both") -> tuple[dict, dict]:
     """The parts of a folder of per-network files and, for those it lacks, of the earlier stages' run folders its
     config.json names, each checked against its built_on.json. `digests` and `read` (folder -> its parts) are
     shared by one load, so no file is hashed or read twice."""
@@ -260,11 +271,11 @@ def read_run_folder(folder: Path, digests: dict[str, str], read: dict[Path, tupl
         file = folder / name
         if file.is_file():
             state = (read_network_file(file) if part != "finetuned_clip"
-                     else read_clip_file(file, plain=True, text_tower=text_tower))
+                     else read_clip_file(file, plain=True, towers=towers))
             parts[part], sources[part] = state, str(file)
     taken = []  # the earlier stages' files combined with this folder's own
     for earlier in earlier_runs(folder):
-        more, more_sources = read_run_folder(earlier, digests, read, text_tower)
+        more, more_sources = read_run_folder(earlier, digests, read, towers)
         for part in more:
             if part not in parts:
                 parts[part], sources[part] = more[part], more_sources[part]
@@ -354,26 +365,53 @@ def save_afine(path: str | Path, parts: dict[str, nn.Module | dict]) -> None:
     atomic_save({p: state_dict_for_saving(parts[p]) for p in PART_FILES}, path)
 
 
-def read_clip_file(path: str | Path, plain: bool = False, text_tower: bool = True) -> dict[str, torch.Tensor]:
+def read_clip_file(path: str | Path, plain: bool = False, towers: str = "both") -> dict[str, torch.Tensor]:
     """A CLIP state dict from OpenAI's TorchScript archive or a plain state-dict file (`clip_model.pth`).
 
     Neither is ever run: archives go through the restricted reader of afine/torchscript.py, plain files through
     torch.load with weights_only; `plain=True` (a run folder's clip_model.pth) accepts only the latter.
-    Archive metadata entries (input_resolution, ...) are dropped. `text_tower=False` (scoring) leaves a plain
-    file's text tower unread (meta tensors, shapes only); an archive is read whole, into memory of our own.
+    Archive metadata entries (input_resolution, ...) are dropped. `towers` "image" (scoring) leaves a plain file's
+    text tower unread (meta tensors, shapes only), "text" its image tower; an archive is read whole.
     """
     path = Path(path)
     if not path.is_file():
         raise AfineError(f"{path}: CLIP checkpoint not found")
     archive = not plain and is_torchscript_archive(path)
+    skip = left_unread(towers)
     state_dict = (read_torchscript_state_dict(path) if archive
-                  else torch_load(path, None if text_tower else lambda keys: len(keys) == 1 and is_text_tower(keys[0])))
+                  else torch_load(path, None if skip is None else lambda keys: len(keys) == 1 and skip(keys[0])))
     if isinstance(state_dict, dict):
         state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALARS}
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise AfineError(f"{path}: not a CLIP checkpoint (expected a state dict of tensors, "
                          f"found {type(state_dict).__name__})")
     return strip_module_prefix(state_dict)
+
+
+def read_text_tower(file: str | Path, kind: str, stamp: tuple) -> dict[str, torch.Tensor]:
+    """The text tower of the CLIP in `file`, for a model loaded for scoring (which never read it) to be exported
+    whole. `kind`: "merged" (an afine.pth's finetuned_clip), "plain" (a run folder's clip_model.pth) or "clip"
+    (a CLIP checkpoint, either format). The file must be the one the model was loaded from, unchanged since
+    (`stamp`, its file_stamp then): else its text tower need not match the image tower the model holds.
+    """
+    file = Path(file)
+
+    def check() -> None:
+        try:
+            same = file_stamp(os.stat(file)) == stamp
+        except OSError:
+            same = False
+        if not same:
+            raise AfineError(f"{file}: changed or gone since the model was loaded from it, so its CLIP text tower may "
+                             "not match the model's image tower; load the model with text_tower=True to export it")
+
+    check()
+    if kind == "merged":
+        state = read_afine_parts(file, towers="text")[0]["finetuned_clip"]
+    else:
+        state = read_clip_file(file, plain=kind == "plain", towers="text")
+    check()
+    return {k: v for k, v in state.items() if is_text_tower(k) and k not in ARCHIVE_SCALARS}
 
 
 # `clip: "random-tiny"` in stage 1: a small random CLIP in OpenAI's layout (demo and tests; no download).

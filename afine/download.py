@@ -16,15 +16,15 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .atomic import atomic_write, reason
+from .checkpoint import read_afine_parts
 from .errors import AfineError
-from .model import load_afine
 
 RELEASED_URL = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/afine.pth"
 OFFLINE_VARIABLES = ("AFINE_OFFLINE", "HF_HUB_OFFLINE")
@@ -51,19 +51,23 @@ def offline_reason(offline: bool = False) -> str | None:
     return None
 
 
-def released_weights(offline: bool = False, progress: bool = True) -> Path:
-    """The released afine.pth, downloaded first if it is not there yet; AfineError if it cannot be."""
+def released_weights(offline: bool = False, progress: bool = True, instead: str = "give --weights FILE",
+                     check: Callable[[Path], object] = read_afine_parts) -> Path:
+    """The released afine.pth, downloaded first if it is not there yet; AfineError if it cannot be (its message
+    ends with `instead`: what else the user can do). A download is kept only if `check` passes on it (an AfineError
+    if not): by default it must read as a merged A-FINE checkpoint; scoring passes model.check_weights (it must
+    load strictly as a model), which this module cannot import: the model module imports it."""
     path, url = released_path(), released_url()
     if path.exists():
         return path
     why = offline_reason(offline)
     if why:
         raise AfineError(f"{path}: the released A-FINE weights are not there and downloads are off ({why}); "
-                         f"download {url} and put it at {path}, or give --weights FILE")
+                         f"download {url} and put it at {path}, or {instead}")
     with download_lock(path, progress):
         if path.exists():  # another process downloaded it while this one waited
             return path
-        digest = download(url, path, progress)
+        digest = download(url, path, progress, instead, check)
     print(f"downloaded {url} to {path} (SHA-256 {digest})", file=sys.stderr)
     return path
 
@@ -96,13 +100,14 @@ def download_lock(path: Path, progress: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def download(url: str, path: Path, progress: bool) -> str:
-    """Stream `url` into a temp file beside `path`, check it, and rename it to `path`; returns its SHA-256."""
+def download(url: str, path: Path, progress: bool, instead: str = "give --weights FILE",
+             check: Callable[[Path], object] = read_afine_parts) -> str:
+    """Stream `url` into a temp file beside `path`, `check` it, and rename it to `path`; returns its SHA-256."""
     digest = hashlib.sha256()
 
     def failed(why: str) -> AfineError:
         return AfineError(f"{url}: cannot download the A-FINE weights ({why}); download the file yourself and put "
-                          f"it at {path}, or give --weights FILE")
+                          f"it at {path}, or {instead}")
 
     def write(f) -> None:
         try:
@@ -131,14 +136,14 @@ def download(url: str, path: Path, progress: bool) -> str:
         if size is not None and received != size:
             raise failed(f"the transfer stopped after {received} of {size} bytes")
 
-    def check(tmp: Path) -> None:
+    def verify(tmp: Path) -> None:
         try:
-            load_afine(None, tmp)
+            check(tmp)
         except AfineError as e:
             raise failed(f"what arrived is not a merged A-FINE checkpoint: {str(e).replace(str(tmp), 'afine.pth')}"
                          ) from None
 
-    atomic_write(path, write, check)
+    atomic_write(path, write, verify)
     return digest.hexdigest()
 
 

@@ -66,7 +66,7 @@ def child(file: str, cold: bool) -> dict:
     if cold:
         drop_from_page_cache(Path(file))
     start = time.perf_counter()
-    model = load_afine(None, file)
+    model = load_afine(file)
     loaded = time.perf_counter()
     with torch.inference_mode():
         model(torch.rand(1, 3, 224, 224), torch.rand(1, 3, 224, 224))

@@ -36,13 +36,11 @@ def scores(model) -> dict[str, torch.Tensor]:
 
 
 def test_scoring_model_leaves_out_the_text_tower_and_scores_as_the_full_one(merged):
-    lean, full = load_afine(None, merged), load_afine(None, merged, text_tower=True)
+    lean, full = load_afine(merged), load_afine(merged, text_tower=True)
     assert all(k.startswith("visual.") for k in lean.clip.state_dict())
     assert "token_embedding.weight" in full.clip.state_dict() and "logit_scale" in full.clip.state_dict()
     a, b = scores(lean), scores(full)
     assert all(torch.equal(a[t], b[t]) for t in TERMS)
-    with pytest.raises(AfineError, match=r"loaded for scoring.*text_tower=True"):
-        lean.parts()  # exporting it would write an afine.pth without the text tower
 
 
 def mapped_ranges(path: Path) -> list[tuple[int, int]]:
@@ -58,12 +56,12 @@ def mapped_ranges(path: Path) -> list[tuple[int, int]]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_the_model_holds_its_own_memory_and_scoring_leaves_the_text_tower_unread(merged):
-    model = load_afine(None, merged)
-    full = load_afine(None, merged, text_tower=True)
+    model = load_afine(merged)
+    full = load_afine(merged, text_tower=True)
     gc.collect()
     assert mapped_ranges(merged) == []  # nothing of the file is mapped: a change to it cannot reach the models
     assert all(not p.is_meta for m in (model, full) for p in m.parameters())
-    lean_parts, full_parts = read_afine_parts(merged, text_tower=False)[0], read_afine_parts(merged)[0]
+    lean_parts, full_parts = read_afine_parts(merged, towers="image")[0], read_afine_parts(merged)[0]
     for part, state in lean_parts.items():
         for key, value in state.items():
             unread = part == "finetuned_clip" and not key.startswith("visual.")
@@ -94,10 +92,10 @@ def change(name):
 
 g = torch.Generator().manual_seed(0)
 dis, ref = torch.rand(2, 3, 64, 96, generator=g), torch.rand(2, 3, 64, 96, generator=g)
-uses = {"afine.pth": lambda: load_afine(None, a / "afine.pth"),
-        "clip_model.pth": lambda: load_afine(None, a / "networks"),
-        "clip_plain.pt": lambda: load_afine(a / "clip_plain.pt", a / "heads"),
-        "clip_ts.pt": lambda: load_afine(a / "clip_ts.pt", a / "heads")}
+uses = {"afine.pth": lambda: load_afine(a / "afine.pth"),
+        "clip_model.pth": lambda: load_afine(a / "networks"),
+        "clip_plain.pt": lambda: load_afine(a / "heads", clip=a / "clip_plain.pt"),
+        "clip_ts.pt": lambda: load_afine(a / "heads", clip=a / "clip_ts.pt")}
 for name, load in uses.items():
     model = load()
     with torch.no_grad():
@@ -153,7 +151,7 @@ def test_a_file_changed_while_it_is_read_is_one_error_line(merged, tmp_path, mon
 
     monkeypatch.setattr(afine.checkpoint.torch, "load", load_then_change)
     with pytest.raises(AfineError) as info:
-        load_afine(None, path)
+        load_afine(path)
     assert str(info.value) == f"{path}: changed while being read (is something writing it?); run again once it is " \
                               "written"
 
@@ -198,7 +196,7 @@ def test_text_tower_keys_are_still_checked_strictly(merged, tmp_path, case, culp
         clip["transformer.resblocks.0.extra"] = torch.zeros(1)
     torch.save(parts, tmp_path / "bad.pth")
     with pytest.raises(AfineError, match=rf"bad.pth\[finetuned_clip\]: .*{culprit}"):
-        load_afine(None, tmp_path / "bad.pth")
+        load_afine(tmp_path / "bad.pth")
 
 
 def test_float16_and_legacy_format_files_score_the_same(merged, tmp_path):
@@ -206,12 +204,12 @@ def test_float16_and_legacy_format_files_score_the_same(merged, tmp_path):
     half = {**parts, "finetuned_clip": {k: v.half() for k, v in parts["finetuned_clip"].items()}}
     torch.save(half, tmp_path / "half.pth")
     torch.save(parts, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    lean, full = load_afine(None, tmp_path / "half.pth"), load_afine(None, tmp_path / "half.pth", text_tower=True)
+    lean, full = load_afine(tmp_path / "half.pth"), load_afine(tmp_path / "half.pth", text_tower=True)
     for name, p in lean.clip.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, half["finetuned_clip"][name].float())
     a, b = scores(lean), scores(full)
     assert all(torch.equal(a[t], b[t]) for t in TERMS)
-    a, b = scores(load_afine(None, tmp_path / "legacy.pth")), scores(load_afine(None, merged))
+    a, b = scores(load_afine(tmp_path / "legacy.pth")), scores(load_afine(merged))
     assert all(torch.equal(a[t], b[t]) for t in TERMS)
 
 
@@ -231,7 +229,7 @@ def test_huge_but_finite_weights_whose_sum_overflows_are_not_refused(merged, tmp
     huge = [3e38, 3e38, 3e38, -3e38, -3e38, -3e38, 3e38, 3e38]  # partial sums overflow both ways: the sum is NaN
     path = with_values(merged, tmp_path / "huge.pth", part, key, huge)
     for text_tower in (False, True):
-        model = load_afine(None, path, text_tower=text_tower)
+        model = load_afine(path, text_tower=text_tower)
         loaded = (model.clip if part == "finetuned_clip" else getattr(model, part)).state_dict()
         inner = key.removeprefix("visual.") if part == "finetuned_clip" else key
         value = loaded.get(key, loaded.get(inner))
@@ -245,7 +243,7 @@ def test_one_nan_or_infinity_in_a_tensor_is_refused_naming_it(merged, tmp_path, 
     path = with_values(merged, tmp_path / "bad.pth", part, key, values)
     for text_tower in (False, True):
         with pytest.raises(AfineError) as info:
-            load_afine(None, path, text_tower=text_tower)
+            load_afine(path, text_tower=text_tower)
         assert str(info.value) == f"{path}[{part}]: tensor {key!r} holds NaN or infinity"
 
 
@@ -260,6 +258,6 @@ def test_the_finite_check_makes_no_boolean_copy_of_finite_weights(merged, monkey
         return isfinite(t)
 
     monkeypatch.setattr(afine.checkpoint.torch, "isfinite", spy)
-    load_afine(None, merged)
-    load_afine(None, merged, text_tower=True)
+    load_afine(merged)
+    load_afine(merged, text_tower=True)
     assert [n for n in checked if n > 1] == []  # one reduction per tensor, nothing the size of a tensor

@@ -94,7 +94,7 @@ def test_one_reference_image_against_a_folder(weights, folders, capsys):
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [Path(r["ref"]).name for r in rows] == ["a.png"] * 3
-    model = load_afine(None, weights)
+    model = load_afine(weights)
     images = torch.stack([load_image(dis / n) for n in ("a.png", "b.jpg", "c.png")])
     with torch.no_grad():
         direct = model(images, load_image(ref / "a.png")[None])
@@ -203,7 +203,7 @@ def test_csv_over_an_input_is_refused_before_any_work(weights, folders, capsys, 
         csv_file.write_text("results/a.png,references/a.png\n")
         args = ["--pairs", csv_file]
     elif case == "clip":
-        torch.save(load_afine(None, weights).clip.state_dict(), csv_file)
+        torch.save(load_afine(weights).clip.state_dict(), csv_file)
         args += ["--clip", csv_file]
     before = unchanged([csv_file, weights, *dis.iterdir(), *ref.iterdir()])
     monkeypatch.setattr(score_module, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
