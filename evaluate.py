@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plots:
             plots.check_plots(args.plots, [b.name for b in benches], inputs)
         device = pick_device(args.device)
-        model = load_afine(args.clip, args.weights, require=STAGE_PARTS[args.stage], default_clip=DEFAULT_CLIP)
+        model = load_afine(args.weights, clip=args.clip, require=STAGE_PARTS[args.stage], default_clip=DEFAULT_CLIP)
         model = model.to(device)
         cache, kept = TermCache(), {}
         start = time.perf_counter()

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [p for item in items for p in item] + label_files + model_files(args)
         check_writable(args.out, inputs, JSON)  # before the work, not after it, and never over what it reads
         device = pick_device(args.device)
-        model = load_afine(args.clip, args.weights, require=STAGE_PARTS[stage], default_clip=DEFAULT_CLIP).to(device)
+        model = load_afine(args.weights, clip=args.clip, require=STAGE_PARTS[stage], default_clip=DEFAULT_CLIP)
+        model = model.to(device)
         x = score_items(model, items, stage, batch_size=args.batch_size, device=device, workers=args.workers,
                         progress=not args.no_progress, desc=args.mode)
         g3, g4, rmse = fit_logistic(x, y, e1, e2)

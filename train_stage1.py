@@ -54,7 +54,7 @@ def build_model(cfg: Stage1Config) -> AFINE:
     """The CLIP to fine-tune and a fresh naturalness head (initialised from the seed), or, with init_from,
     the fine-tuned CLIP and naturalness head of a released or earlier model."""
     if cfg.init_from:
-        return load_afine(None, cfg.init_from, require=("finetuned_clip", "natural"), text_tower=True)
+        return load_afine(cfg.init_from, require=("finetuned_clip", "natural"), text_tower=True)
     clip = clip_from_spec(cfg.clip, cfg.seed)
     torch.manual_seed(cfg.seed)
     return AFINE(clip)

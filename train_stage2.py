@@ -8,7 +8,7 @@ averaged over the global batch. CLIP runs without autograd, every distinct image
 with `cache: true` (the published config) every distinct image and augmentation goes through CLIP once before
 training, and the steps read the pairs' S1, S2 from the cache (docs/training.md, "Cached statistics"). AdamW group
 `fidelity`. The run folder gets the official `net_dhead.pth`; its config.json names the
-stage-1 folder (`stage1_dir`), so `load_afine(None, out_dir, ...)` finds the CLIP there, and built_on.json
+stage-1 folder (`stage1_dir`), so `load_afine(out_dir, ...)` finds the CLIP there, and built_on.json
 records the digest of the CLIP it was trained on.
 """
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .download import load_weights
 from .image import MIN_SIDE
-from .model import AFINE, HEADS
+from .model import AFINE, HEADS, load_afine
 
 # Terms that depend on the output image, and the parts of the weights each needs. `afine_nr_ref` (the
 # naturalness of the reference) does not depend on the output, so it is no loss.
@@ -63,7 +62,7 @@ class AFINELoss(nn.Module):
             raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
         self.term, self.reduction, self.amp, self.gradient = term, reduction, amp, gradient
         self.checkpoint_blocks, self.save_weights = checkpoint_blocks, save_weights
-        self.afine = weights if isinstance(weights, AFINE) else load_weights(clip, weights, require=LOSS_TERMS[term])
+        self.afine = weights if isinstance(weights, AFINE) else load_afine(weights, clip=clip, require=LOSS_TERMS[term])
         self.afine.requires_grad_(False).eval()
         self.register_state_dict_post_hook(drop_frozen_weights)
         self.register_load_state_dict_pre_hook(keep_frozen_weights)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import sys
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,12 +43,16 @@ def atomic_save(obj, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def torch_load(path: str | Path):
-    """torch.load on CPU with weights_only (tensors and plain containers only: nothing in the file is run).
+def torch_load(path: str | Path, unread: Callable[[tuple], bool] | None = None):
+    """torch.load on CPU with weights_only (tensors and plain containers only: nothing in the file is run), every
+    tensor in this process's own memory: a file rewritten while a model loaded from it runs can neither change its
+    numbers nor crash it (a memory-mapped file does both: a SIGBUS when it shrinks).
 
-    Files in torch's zip format (every torch.save since PyTorch 1.6) are memory-mapped: a tensor's bytes are read
-    from disk only when it is used or copied, so parts a caller drops are never read. A missing or unreadable file
-    is an AfineError naming it.
+    Files in torch's zip format (every torch.save since PyTorch 1.6) are read in two steps: their structure (keys,
+    shapes, dtypes, where each tensor's bytes lie), then the bytes of each tensor. `unread(keys)`, given the keys
+    leading to a tensor (("finetuned_clip", "token_embedding.weight")), leaves those it names unread: they stay
+    on the meta device, shapes only (scoring never reads CLIP's text tower). A file that changes while it is read,
+    or a missing or unreadable one, is an AfineError naming it.
     """
     path = Path(path)
     if not path.is_file():
@@ -53,11 +60,102 @@ def torch_load(path: str | Path):
     if is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load
         raise AfineError(f"{path}: a TorchScript archive, expected a plain torch.save file")
     try:
-        with warnings.catch_warnings():  # its note on a pickle protocol would print before our one error line
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
-        raise AfineError(f"{path}: cannot read checkpoint ({load_error_reason(e)})") from None
+        f = open(path, "rb")
+    except OSError as e:
+        raise AfineError(f"{path}: cannot read checkpoint ({e.strerror or e})") from None
+    with f:
+        stamp = file_stamp(os.fstat(f.fileno()))
+        try:
+            obj, error = read_checkpoint(f, unread), None
+        except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
+            obj, error = None, e
+        if file_stamp(os.fstat(f.fileno())) != stamp:
+            raise AfineError(f"{path}: changed while being read (is something writing it?); run again once it is "
+                             "written") from None
+    if error is not None:
+        raise AfineError(f"{path}: cannot read checkpoint ({load_error_reason(error)})") from None
+    return obj
+
+
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What writing or replacing a file changes: its inode, size, modification and change times."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def read_checkpoint(f, unread: Callable[[tuple], bool] | None):
+    """torch_load's reading: a zip-format file's structure on the meta device, then each tensor's bytes (those
+    `unread` leaves out excepted) read from the file into memory of our own; other files read whole by torch.load."""
+    with warnings.catch_warnings():  # its note on a pickle protocol would print before our one error line
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        if not native_zip(f):  # the legacy format, or a zip written on a machine of the other byte order
+            f.seek(0)
+            return torch.load(f, map_location="cpu", weights_only=True)
+        f.seek(0)
+        obj = torch.load(f, map_location="meta", weights_only=True)
+    storages: dict[int, torch.Tensor] = {}
+
+    def read(tensor: torch.Tensor, keys: tuple) -> torch.Tensor:
+        if not tensor.is_meta or (unread is not None and unread(keys)):
+            return tensor
+        storage = tensor.untyped_storage()
+        offset, size = storage._checkpoint_offset, storage.nbytes()  # where torch.load found the tensor's bytes
+        if offset not in storages:  # tensors viewing one storage share it, as torch.load gives them
+            data = torch.empty(size, dtype=torch.uint8)
+            f.seek(offset)
+            if size and f.readinto(memoryview(data.numpy())) != size:
+                raise EOFError(f"the file ends inside the bytes of tensor {keys[-1]!r}")
+            storages[offset] = data
+        return storages[offset].view(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
+
+    if any(getattr(t.untyped_storage(), "_checkpoint_offset", None) is None for t in tensors_in(obj)):
+        f.seek(0)  # a torch that does not say where the bytes lie: read the whole file
+        return torch.load(f, map_location="cpu", weights_only=True)
+    return map_tensors(obj, read)
+
+
+def native_zip(f) -> bool:
+    """A zip file whose tensor bytes are in this machine's byte order (torch writes it in a `byteorder` record;
+    files without one are read as native, as torch.load does)."""
+    try:
+        with zipfile.ZipFile(f) as archive:  # a file object: closing the archive leaves it open
+            names = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/byteorder")]
+            return all(archive.read(n).decode(errors="replace").strip() == sys.byteorder for n in names)
+    except zipfile.BadZipFile:
+        return False
+
+
+def tensors_in(obj) -> list[torch.Tensor]:
+    found = []
+    map_tensors(obj, lambda t, keys: found.append(t) or t)
+    return found
+
+
+def map_tensors(obj, fn: Callable[[torch.Tensor, tuple], torch.Tensor], keys: tuple = ()):
+    """`obj` with each tensor in its dicts, lists and tuples replaced by fn(tensor, keys leading to it)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj, keys)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = map_tensors(v, fn, (*keys, k))
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn, (*keys, i)) for i, v in enumerate(obj))
+    return obj
+
+
+def is_text_tower(key) -> bool:
+    """A CLIP state-dict key outside the image tower (`visual.`): scoring never reads these tensors."""
+    return not str(key).removeprefix("module.").startswith("visual.")
+
+
+def left_unread(towers: str) -> Callable[[str], bool] | None:
+    """Which CLIP keys a read of `towers` leaves unread: "image" (scoring) leaves the text tower's, "text" (exporting
+    a model loaded for scoring) the image tower's, "both" none."""
+    if towers not in ("both", "image", "text"):
+        raise ValueError(f"towers must be 'both', 'image' or 'text', got {towers!r}")
+    if towers == "both":
+        return None
+    return is_text_tower if towers == "image" else lambda key: not is_text_tower(key)
 
 
 def load_error_reason(error: Exception) -> str:
@@ -111,8 +209,13 @@ def check_keys(module: nn.Module, state_dict: dict[str, torch.Tensor], source: s
 
 
 def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """AfineError naming the source and the first tensor holding NaN or infinity."""
-    bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    """AfineError naming the source and the first tensor holding NaN or infinity.
+
+    One reduction per tensor and no boolean copy: a finite sum means every value is finite; only a sum that is not
+    (a NaN or an infinity in the tensor, or finite values whose sum overflows) takes the exact per-value check.
+    """
+    bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not math.isfinite(v.sum())
+                and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise AfineError(f"{source}: tensor {bad!r} holds NaN or infinity")
 
@@ -132,19 +235,24 @@ def save_network_file(path: str | Path, module_or_state: nn.Module | dict) -> No
     atomic_save({"params": state_dict_for_saving(module_or_state)}, path)
 
 
-def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+def read_afine_parts(path: str | Path, towers: str = "both") -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                                     dict[str, str]]:
     """The A-FINE parts from a merged `afine.pth` or a folder of per-network files.
 
     Returns (parts, sources): part name -> state dict, and part name -> where it came from (for errors).
     A folder may hold only some parts (a stage-1 or stage-2 run); callers check what they need.
+    `towers` "image" (scoring) leaves the fine-tuned CLIP's text tower unread (meta tensors, shapes only), "text"
+    its image tower.
     """
     path = Path(path)
     if path.is_dir():
-        parts, sources = read_run_folder(path, {}, {})
+        parts, sources = read_run_folder(path, {}, {}, towers)
         if not parts:
             raise AfineError(f"{path}: no A-FINE checkpoint files ({', '.join(PART_FILES.values())}) in this folder")
         return parts, sources
-    obj = torch_load(path)
+    skip = left_unread(towers)
+    obj = torch_load(path, None if skip is None else
+                     lambda keys: len(keys) == 2 and keys[0] == "finetuned_clip" and skip(keys[1]))
     if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
         raise AfineError(f"{path}: not a merged A-FINE checkpoint (expected a dict of state dicts)")
     missing = [p for p in PART_FILES if p not in obj]
@@ -154,7 +262,8 @@ def read_afine_parts(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor
     return {p: strip_module_prefix(obj[p]) for p in PART_FILES}, {p: f"{path}[{p}]" for p in PART_FILES}
 
 
-def read_run_folder(folder: Path, digests: dict[str, str], read: dict[Path, tuple]) -> tuple[dict, dict]:
+def read_run_folder(folder: Path, digests: dict[str, str], read: dict[Path, tuple],
+                    towers: str = "both") -> tuple[dict, dict]:
     """The parts of a folder of per-network files and, for those it lacks, of the earlier stages' run folders its
     config.json names, each checked against its built_on.json. `digests` and `read` (folder -> its parts) are
     shared by one load, so no file is hashed or read twice."""
@@ -165,12 +274,13 @@ def read_run_folder(folder: Path, digests: dict[str, str], read: dict[Path, tupl
     for part, name in PART_FILES.items():
         file = folder / name
         if file.is_file():
-            state = read_network_file(file) if part != "finetuned_clip" else read_clip_file(file, plain=True)
+            state = (read_network_file(file) if part != "finetuned_clip"
+                     else read_clip_file(file, plain=True, towers=towers))
             parts[part], sources[part] = state, str(file)
     # the earlier stages' files combined with this folder's own stage (also those copied into the folder)
     taken = [Path(sources[part]) for part in parts if PART_FILES[part] in trained_on(folder)]
     for earlier in earlier_runs(folder):
-        more, more_sources = read_run_folder(earlier, digests, read)
+        more, more_sources = read_run_folder(earlier, digests, read, towers)
         for part in more:
             if part not in parts:
                 parts[part], sources[part] = more[part], more_sources[part]
@@ -327,24 +437,53 @@ def save_afine(path: str | Path, parts: dict[str, nn.Module | dict]) -> None:
     atomic_save({p: state_dict_for_saving(parts[p]) for p in PART_FILES}, path)
 
 
-def read_clip_file(path: str | Path, plain: bool = False) -> dict[str, torch.Tensor]:
+def read_clip_file(path: str | Path, plain: bool = False, towers: str = "both") -> dict[str, torch.Tensor]:
     """A CLIP state dict from OpenAI's TorchScript archive or a plain state-dict file (`clip_model.pth`).
 
     Neither is ever run: archives go through the restricted reader of afine/torchscript.py, plain files through
     torch.load with weights_only; `plain=True` (a run folder's clip_model.pth) accepts only the latter.
-    Archive metadata entries (input_resolution, ...) are dropped.
+    Archive metadata entries (input_resolution, ...) are dropped. `towers` "image" (scoring) leaves a plain file's
+    text tower unread (meta tensors, shapes only), "text" its image tower; an archive is read whole.
     """
     path = Path(path)
     if not path.is_file():
         raise AfineError(f"{path}: CLIP checkpoint not found")
     archive = not plain and is_torchscript_archive(path)
-    state_dict = read_torchscript_state_dict(path) if archive else torch_load(path)
+    skip = left_unread(towers)
+    state_dict = (read_torchscript_state_dict(path) if archive
+                  else torch_load(path, None if skip is None else lambda keys: len(keys) == 1 and skip(keys[0])))
     if isinstance(state_dict, dict):
         state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALARS}
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise AfineError(f"{path}: not a CLIP checkpoint (expected a state dict of tensors, "
                          f"found {type(state_dict).__name__})")
     return strip_module_prefix(state_dict)
+
+
+def read_text_tower(file: str | Path, kind: str, stamp: tuple) -> dict[str, torch.Tensor]:
+    """The text tower of the CLIP in `file`, for a model loaded for scoring (which never read it) to be exported
+    whole. `kind`: "merged" (an afine.pth's finetuned_clip), "plain" (a run folder's clip_model.pth) or "clip"
+    (a CLIP checkpoint, either format). The file must be the one the model was loaded from, unchanged since
+    (`stamp`, its file_stamp then): else its text tower need not match the image tower the model holds.
+    """
+    file = Path(file)
+
+    def check() -> None:
+        try:
+            same = file_stamp(os.stat(file)) == stamp
+        except OSError:
+            same = False
+        if not same:
+            raise AfineError(f"{file}: changed or gone since the model was loaded from it, so its CLIP text tower may "
+                             "not match the model's image tower; load the model with text_tower=True to export it")
+
+    check()
+    if kind == "merged":
+        state = read_afine_parts(file, towers="text")[0]["finetuned_clip"]
+    else:
+        state = read_clip_file(file, plain=kind == "plain", towers="text")
+    check()
+    return {k: v for k, v in state.items() if is_text_tower(k) and k not in ARCHIVE_SCALARS}
 
 
 # `clip: "random-tiny"` in stage 1: a small random CLIP in OpenAI's layout (demo and tests; no download).
@@ -372,10 +511,10 @@ def run_file(folder: str | Path, name: str, stage: int) -> Path:
 def build_clip(state_dict: dict[str, torch.Tensor], source: str, text_tower: bool = True) -> CLIP:
     """A float32 CLIP whose architecture follows the state dict's shapes (archive metadata entries ignored).
 
-    Every key of the full CLIP is checked strictly. The model is built on the meta device and handed the tensors
-    (no random initialisation to overwrite). With the text tower (training, export) every tensor is copied;
-    without it (scoring) the text tower's tensors are dropped unread and float32 image-tower tensors are used as
-    they are, still memory-mapped when torch_load mapped the file.
+    Every key of the full CLIP is checked strictly (the text tower's may be meta tensors: only their shapes are
+    needed). The model is built on the meta device and handed the tensors (no random initialisation to overwrite).
+    With the text tower (training, export) every tensor is copied; without it (scoring) the text tower's tensors
+    are dropped and float32 image-tower tensors are used as they are (torch_load read them into memory of our own).
     """
     state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_SCALARS}
     try:

@@ -28,15 +28,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .atomic import current_umask, reason
+from .checkpoint import read_afine_parts
 from .errors import AfineError
-from .model import AFINE, load_afine
 
 RELEASED_URL = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main/afine.pth"
 OFFLINE_VARIABLES = ("AFINE_OFFLINE", "HF_HUB_OFFLINE")
@@ -66,41 +66,28 @@ def offline_reason(offline: bool = False) -> str | None:
     return None
 
 
-def released_weights(offline: bool = False, progress: bool = True) -> Path:
-    """The released afine.pth, downloaded first if it is not there yet; AfineError if it cannot be."""
+def released_weights(offline: bool = False, progress: bool = True, instead: str = "give --weights FILE",
+                     check: Callable[[Path], object] = read_afine_parts) -> Path:
+    """The released afine.pth, downloaded first if it is not there yet; AfineError if it cannot be (its message
+    ends with `instead`: what else the user can do). A download is kept only if `check` passes on it (an AfineError
+    if not): by default it must read as a merged A-FINE checkpoint; scoring passes model.check_weights (it must
+    load strictly as a model), which this module cannot import: the model module imports it."""
     path, url = released_path(), released_url()
     if path.exists():
         return path
     why = offline_reason(offline)
     if why:
         raise AfineError(f"{path}: the released A-FINE weights are not there and downloads are off ({why}); "
-                         f"download {url} and put it at {path}, or give --weights FILE")
+                         f"download {url} and put it at {path}, or {instead}")
     limits = transfer_limits()
     with download_lock(path, progress) as locked:
         if path.exists():  # another process downloaded it while this one waited
             return path
         if locked:  # no other download of this file runs now
             remove_stale_temp_files(path)
-        digest = download(url, path, progress, *limits)
+        digest = download(url, path, progress, *limits, instead=instead, check=check)
     print(f"downloaded {url} to {path} (SHA-256 {digest})", file=sys.stderr)
     return path
-
-
-def load_weights(clip: str | Path | None, weights: str | Path, **kwargs) -> AFINE:
-    """load_afine(clip, weights, **kwargs); when `weights` is the downloaded released file and it cannot be loaded
-    (a copy cut short, a disk error), the error says to delete it and run again, which downloads it afresh."""
-    try:
-        return load_afine(clip, weights, **kwargs)
-    except AfineError as e:
-        path = released_path()
-        try:
-            damaged = Path(weights).is_file() and os.path.samefile(weights, path)
-        except OSError:
-            damaged = False
-        if damaged:
-            raise AfineError(f"{e} (the released weights downloaded to {path} are damaged: delete that file and run "
-                             "again to download them afresh)") from None
-        raise
 
 
 def transfer_limits() -> tuple[float, float]:
@@ -183,8 +170,9 @@ def process_exists(pid: int) -> bool:
     return True
 
 
-def download(url: str, path: Path, progress: bool, timeout: float = TIMEOUT_S, min_rate: float = MIN_RATE) -> str:
-    """Stream `url` into a temp file beside `path`, check it, and rename it to `path`; returns its SHA-256.
+def download(url: str, path: Path, progress: bool, timeout: float = TIMEOUT_S, min_rate: float = MIN_RATE,
+             instead: str = "give --weights FILE", check: Callable[[Path], object] = read_afine_parts) -> str:
+    """Stream `url` into a temp file beside `path`, `check` it, and rename it to `path`; returns its SHA-256.
 
     The server must answer within `timeout` seconds and then send at least `min_rate` bytes/s on average over every
     `timeout` seconds. Nothing is kept on failure, Ctrl-C included, and on SIGTERM (sigterm_unwinds)."""
@@ -198,14 +186,14 @@ def download(url: str, path: Path, progress: bool, timeout: float = TIMEOUT_S, m
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o666 & ~current_umask())
-                digest = transfer(url, path, f, progress, timeout, min_rate)
+                digest = transfer(url, path, f, progress, timeout, min_rate, instead)
                 f.flush()
                 os.fsync(f.fileno())
             try:
-                load_afine(None, tmp)
+                check(tmp)
             except AfineError as e:
                 raise failure(url, path, "what arrived is not a merged A-FINE checkpoint: "
-                              f"{str(e).replace(str(tmp), 'afine.pth')}") from None
+                              f"{str(e).replace(str(tmp), 'afine.pth')}", instead) from None
             os.replace(tmp, path)
         except BaseException as e:
             with contextlib.suppress(OSError):
@@ -222,11 +210,11 @@ def download(url: str, path: Path, progress: bool, timeout: float = TIMEOUT_S, m
     return digest
 
 
-def failure(url: str, path: Path, why: str) -> AfineError:
-    """The one-line error of a download that failed because of `why`."""
+def failure(url: str, path: Path, why: str, instead: str = "give --weights FILE") -> AfineError:
+    """The one-line error of a download that failed because of `why`; it ends with `instead`."""
     why = " ".join(why.split())  # one line, whatever the server or the network library said
     return AfineError(f"{url}: cannot download the A-FINE weights ({why}); download the file yourself and put it at "
-                      f"{path}, or give --weights FILE")
+                      f"{path}, or {instead}")
 
 
 class Progress:
@@ -237,7 +225,8 @@ class Progress:
         self.received, self.responded, self.sockets, self.stopped = 0, None, [], None
 
 
-def transfer(url: str, path: Path, f, progress: bool, timeout: float, min_rate: float) -> str:
+def transfer(url: str, path: Path, f, progress: bool, timeout: float, min_rate: float,
+             instead: str = "give --weights FILE") -> str:
     """Write the body of `url` to `f`; its SHA-256. AfineError (failure) when the server refuses, breaks off, sends
     less than it announced, or is too slow (watchdog)."""
     digest, state = hashlib.sha256(), Progress()
@@ -245,9 +234,9 @@ def transfer(url: str, path: Path, f, progress: bool, timeout: float, min_rate: 
         try:
             response = opener(state.sockets).open(url, timeout=timeout)
         except urllib.error.HTTPError as e:
-            raise failure(url, path, state.stopped or http_reason(e)) from None
+            raise failure(url, path, state.stopped or http_reason(e), instead) from None
         except (OSError, http.client.HTTPException, ValueError) as e:
-            raise failure(url, path, state.stopped or network_reason(e)) from None
+            raise failure(url, path, state.stopped or network_reason(e), instead) from None
         state.responded = time.monotonic()
         with response:
             length = response.headers.get("Content-Length")
@@ -259,7 +248,7 @@ def transfer(url: str, path: Path, f, progress: bool, timeout: float, min_rate: 
                         chunk = response.read1(CHUNK)  # what has arrived: the count stays exact when it breaks off
                     except (OSError, http.client.HTTPException) as e:
                         raise failure(url, path, state.stopped or f"the transfer broke off after {state.received} "
-                                      f"bytes: {network_reason(e)}") from None
+                                      f"bytes: {network_reason(e)}", instead) from None
                     if not chunk:
                         break
                     f.write(chunk)
@@ -267,9 +256,9 @@ def transfer(url: str, path: Path, f, progress: bool, timeout: float, min_rate: 
                     state.received += len(chunk)
                     bar.update(len(chunk))
         if state.stopped:
-            raise failure(url, path, state.stopped)
+            raise failure(url, path, state.stopped, instead)
         if size is not None and state.received != size:
-            raise failure(url, path, f"the transfer stopped after {state.received} of {size} bytes")
+            raise failure(url, path, f"the transfer stopped after {state.received} of {size} bytes", instead)
     return digest.hexdigest()
 
 

@@ -82,7 +82,7 @@ def stage1_gradient(model: AFINE, batch: dict, device, amp: str) -> torch.Tensor
 def benchmark_drift(args: argparse.Namespace) -> None:
     """The five terms and the 2AFC decisions of a model on the benchmarks, fp32 against each other precision."""
     device = torch.device(args.device)
-    model = load_afine(args.clip, args.weights, default_clip=DEFAULT_CLIP).to(device)
+    model = load_afine(args.weights, clip=args.clip, default_clip=DEFAULT_CLIP).to(device)
     names = [n for n in parse_benchmarks(args.bench, args.data_root) if missing_folder(args.data_root, n) is None]
     benches = [load_benchmark(args.data_root, n) for n in names]
     items = list(dict.fromkeys(it for b in benches for it in b.items()))

@@ -161,7 +161,7 @@ def main() -> None:
             seconds, _ = time_to_first_score(weights, pairs[0], args.device, precision)
             print(f"time to first score, {precision}: {seconds:.2f} s (python -m afine score DIS REF, one pair)")
         start = time.perf_counter()
-        model = load_afine(None, weights).to(device)
+        model = load_afine(weights).to(device)
         print(f"model load in this process (load_afine, to {device}): {time.perf_counter() - start:.2f} s",
               flush=True)
 

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     data = Path(args.data)
     train_set, test_set = references(data, "Train"), references(data, "Test")
-    loss_model, judge_model = load_afine(None, args.loss_afine), load_afine(None, args.judge_afine)
+    loss_model, judge_model = load_afine(args.loss_afine), load_afine(args.judge_afine)
     criteria = {term: AFINELoss(loss_model, term) for term in {run[2] for run in RUNS} - {None}}  # one model
     noisy = degrade(test_set, args.sigma, torch.Generator().manual_seed(10_000 + args.seed))
     print(f"{len(train_set)} training and {len(test_set)} held-out images {tuple(test_set.shape[-2:])}, noise sigma "

@@ -207,7 +207,7 @@ def direct(model, bench, stage, keep):
 ])
 def test_cached_accuracies_equal_direct_scoring(corpus, stage, names, batch_size):
     data, paths = corpus
-    model = load_afine(None, paths["afine"], require=STAGE_PARTS[stage])
+    model = load_afine(paths["afine"], require=STAGE_PARTS[stage])
     cache = TermCache()
     benches = [load_benchmark(data, n) for n in names]
     every = list(dict.fromkeys(it for b in benches for it in b.items()))
@@ -231,7 +231,7 @@ def test_cached_accuracies_equal_direct_scoring(corpus, stage, names, batch_size
 
 def test_image_with_two_references_is_encoded_once(corpus):
     data, paths = corpus
-    model = load_afine(None, paths["afine"])
+    model = load_afine(paths["afine"])
     images = sorted((data / "KADID10K" / "images").glob("I01*.png"))[:4]  # same size: the reference + 3
     ref, a, b, c = images
     items = [(a, ref), (a, b), (b, ref), (ref, ref), (c, b), (c, ref)]  # b is a reference and a test image
@@ -263,7 +263,7 @@ def test_sharded_plans_cover_every_item_once(corpus):
 
 def test_precision_reaches_clip_and_fp32_is_the_default(corpus, capsys, tmp_path):
     data, paths = corpus
-    model = load_afine(None, paths["afine"])
+    model = load_afine(paths["afine"])
     items = load_benchmark(data, "kadid10k").items()[:60]
     caches = {}
     for precision in (None, "fp32", "bf16"):

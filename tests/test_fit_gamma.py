@@ -53,7 +53,7 @@ def steep_parameters(x: np.ndarray) -> tuple[float, float]:
 def test_nr_cli_recovers_known_parameters(corpus, tmp_path, capsys):
     data, paths = corpus
     items, _, _ = nr_data(data)
-    model = load_afine(None, paths["afine"], require=("natural",))
+    model = load_afine(paths["afine"], require=("natural",))
     x = score_items(model, items, 1, progress=False)
     g3, g4 = steep_parameters(x)
     y = logistic(x, 2.0, -2.0, g3, g4)
@@ -79,7 +79,7 @@ def test_nr_cli_recovers_known_parameters(corpus, tmp_path, capsys):
 def test_scale_cli_recovers_known_parameters(corpus, tmp_path, capsys):
     data, paths = corpus
     items, _, _ = scale_data(data)
-    model = load_afine(None, paths["afine"])
+    model = load_afine(paths["afine"])
     x = score_items(model, items, 3, progress=False)
     c, w = steep_parameters(x)
     mos = 100.0 - logistic(x, 100.0, 0.0, c, w)  # higher is better; normalisation gives back the logistic

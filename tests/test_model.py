@@ -144,7 +144,7 @@ def pair(h, w, b=1, seed=0):
 # ---------------------------------------------------------------- tests
 @pytest.mark.parametrize("size", [(64, 96), (70, 50), (32, 224)])
 def test_terms_match_spec_formulas(checkpoints, size):
-    model = load_afine(None, checkpoints["afine"])
+    model = load_afine(checkpoints["afine"])
     parts, _ = read_afine_parts(checkpoints["afine"])
     dis, ref = pair(*size, b=2)
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_torchscript_clip_with_folder_of_files(checkpoints, tmp_path):
     folder = tmp_path / "heads"
     shutil.copytree(checkpoints["folder"], folder)
     (folder / "clip_model.pth").unlink()
-    model = load_afine(checkpoints["clip_ts"], folder)
+    model = load_afine(folder, clip=checkpoints["clip_ts"])
     parts, _ = read_afine_parts(checkpoints["afine"])
     parts["finetuned_clip"] = {k: v.half().float() for k, v in parts["finetuned_clip"].items()}
     dis, ref = pair(64, 64, b=3, seed=1)
@@ -185,7 +185,7 @@ def test_clip_file_formats_load_same_weights(checkpoints):
 
 
 def test_folder_of_files_equals_merged(checkpoints):
-    a, b = load_afine(None, checkpoints["afine"]), load_afine(None, checkpoints["folder"])
+    a, b = load_afine(checkpoints["afine"]), load_afine(checkpoints["folder"])
     dis, ref = pair(64, 64, b=2)
     with torch.no_grad():
         ta, tb = a(dis, ref), b(dis, ref)
@@ -195,7 +195,7 @@ def test_folder_of_files_equals_merged(checkpoints):
 
 def test_afine_pth_round_trip(checkpoints, tmp_path):
     parts, _ = read_afine_parts(checkpoints["afine"])
-    model = load_afine(None, checkpoints["afine"], text_tower=True)
+    model = load_afine(checkpoints["afine"], text_tower=True)
     save_afine(tmp_path / "again.pth", model.parts())
     raw_a = torch.load(checkpoints["afine"], weights_only=True)
     raw_b = torch.load(tmp_path / "again.pth", weights_only=True)
@@ -214,7 +214,7 @@ def test_afine_pth_round_trip(checkpoints, tmp_path):
 
 
 def test_batch_invariance(checkpoints):
-    model = load_afine(None, checkpoints["afine"])
+    model = load_afine(checkpoints["afine"])
     dis, ref = pair(64, 96, b=8, seed=3)
     refs = torch.rand(8, 3, 64, 96)
     with torch.no_grad():
@@ -229,7 +229,7 @@ def test_batch_invariance(checkpoints):
 
 
 def test_asymmetric_and_identity(checkpoints):
-    model = load_afine(None, checkpoints["afine"])
+    model = load_afine(checkpoints["afine"])
     dis, ref = pair(64, 64, b=1, seed=4)
     with torch.no_grad():
         forward, backward, same = model(dis, ref), model(ref, dis), model(ref, ref)

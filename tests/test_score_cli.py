@@ -60,7 +60,7 @@ def test_json_lines_in_input_order_match_the_model(setup, capsys):
     rows = [json.loads(line) for line in out.splitlines()]
     assert [Path(r["dis"]).name for r in rows] == ["a.png", "d2.png", "b.png", "c.png", "ref.png"]
     assert all(list(r) == ["dis", "ref", *TERMS] for r in rows)
-    model = load_afine(None, paths["afine"])
+    model = load_afine(paths["afine"])
     with torch.no_grad():
         direct = model(load_image(images / "d2.png")[None], load_image(images / "ref2.png")[None])
     for term in TERMS:
@@ -239,7 +239,7 @@ def test_fp32_is_exact_and_the_default(setup, capsys):
     code, default, _ = run_cli(capsys, *args)
     code32, fp32, _ = run_cli(capsys, *args, "--precision", "fp32")
     assert code == code32 == 0 and default == fp32
-    model = load_afine(None, paths["afine"])
+    model = load_afine(paths["afine"])
     dis, ref = load_image(images / "d2.png")[None], load_image(images / "ref2.png")[None]
     with torch.no_grad():  # CLIP called directly, no autocast anywhere: the same bits
         x = preprocess(torch.cat([dis, ref]))
@@ -312,7 +312,7 @@ def test_low_precision_features(setup, precision, bound):
     Through the tiny CLIP's 3 blocks the features end within 0.6% (0.07%) of float32; the bounds allow 3-4x that,
     and the features must differ at all (autocast ran), while the normalised pixels the heads see stay exact."""
     paths, images = setup
-    model = load_afine(None, paths["afine"])
+    model = load_afine(paths["afine"])
     x = torch.stack([load_image(images / f"{n}.png") for n in ("a", "b", "c", "ref")])
     with torch.no_grad():
         x32, f32 = model.encode(x)

@@ -96,7 +96,7 @@ def test_one_reference_image_against_a_folder(weights, folders, capsys):
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [Path(r["ref"]).name for r in rows] == ["a.png"] * 3
-    model = load_afine(None, weights)
+    model = load_afine(weights)
     images = torch.stack([load_image(dis / n) for n in ("a.png", "b.jpg", "c.png")])
     with torch.no_grad():
         direct = model(images, load_image(ref / "a.png")[None])
@@ -205,10 +205,10 @@ def test_csv_over_an_input_is_refused_before_any_work(weights, folders, capsys, 
         csv_file.write_text("results/a.png,references/a.png\n")
         args = ["--pairs", csv_file]
     elif case == "clip":
-        torch.save(load_afine(None, weights).clip.state_dict(), csv_file)
+        torch.save(load_afine(weights).clip.state_dict(), csv_file)
         args += ["--clip", csv_file]
     before = unchanged([csv_file, weights, *dis.iterdir(), *ref.iterdir()])
-    monkeypatch.setattr(score_module, "load_weights", lambda *a, **k: pytest.fail("the work started before the check"))
+    monkeypatch.setattr(score_module, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
     code, out, err = score(capsys, weights, "--no-progress", *args, "--csv", csv_file)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith(f"error: {csv_file}: cannot write, this command reads that file"), err
@@ -224,7 +224,7 @@ def test_csv_over_the_released_weights_is_refused_when_no_weights_are_given(weig
     released.parent.mkdir()
     released.write_bytes(weights.read_bytes())
     monkeypatch.setenv("AFINE_WEIGHTS", str(released))  # where the downloaded weights are kept
-    monkeypatch.setattr(score_module, "load_weights", lambda *a, **k: pytest.fail("the work started before the check"))
+    monkeypatch.setattr(score_module, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
     code = main(["score", "--no-progress", str(dis), str(ref), "--csv", str(released)])
     out, err = capsys.readouterr()
     assert (code, out) == (2, "") and err == f"error: {released}: cannot write, this command reads that file; " \
@@ -238,7 +238,7 @@ def test_unwritable_csv_is_refused_before_scoring_naming_the_file_in_the_way(wei
 
     dis, ref = folders
     (tmp_path / "file").write_text("")
-    monkeypatch.setattr(score_module, "load_weights", lambda *a, **k: pytest.fail("the work started before the check"))
+    monkeypatch.setattr(score_module, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
     target = tmp_path / "file" / "scores.csv"
     code, out, err = score(capsys, weights, "--no-progress", dis, ref, "--csv", target)
     assert (code, out) == (2, "")
@@ -293,7 +293,7 @@ def test_csv_over_a_training_runs_files_or_under_another_suffix_is_refused(weigh
     (run / "best").mkdir(parents=True)
     for file in ("config.json", "built_on.json", "log.jsonl", "best/best.json"):
         (run / file).write_text("{}\n")
-    monkeypatch.setattr(score_module, "load_weights", lambda *a, **k: pytest.fail("the work started before the check"))
+    monkeypatch.setattr(score_module, "load_afine", lambda *a, **k: pytest.fail("the work started before the check"))
     code, out, err = score(capsys, weights, "--no-progress", dis, ref, "--csv", tmp_path / name)
     assert (code, out) == (2, "") and err.startswith(f"error: {tmp_path / name}: cannot write") and message in err
     assert err.count("\n") == 1 and (run / "config.json").read_text() == "{}\n"
@@ -374,7 +374,7 @@ def test_an_image_changed_after_the_header_check_loses_only_its_pair(weights, fo
     changed = {"test image resized": dis / "b.jpg", "reference resized": ref / "b.png",
                "test image cut short": dis / "b.jpg"}[change]
     original = changed.read_bytes()
-    real_load = score_module.load_weights
+    real_load = score_module.load_afine
 
     def rewrite_then_load(*a, **k):
         if change == "test image cut short":
@@ -383,7 +383,7 @@ def test_an_image_changed_after_the_header_check_loses_only_its_pair(weights, fo
             save(changed, np.full((24, 32, 3), 128.0))
         return real_load(*a, **k)
 
-    monkeypatch.setattr(score_module, "load_weights", rewrite_then_load)
+    monkeypatch.setattr(score_module, "load_afine", rewrite_then_load)
     why = {"test image resized": f"{dis / 'b.jpg'} (changed during the run: 32x24 now, 48x40 when checked)",
            "reference resized": f"{dis / 'b.jpg'} (its reference {ref / 'b.png'}: changed during the run: 32x24 "
                                 f"now, 48x40 when checked)",
@@ -409,13 +409,13 @@ def test_an_image_changed_after_the_header_check_loses_only_its_pair(weights, fo
 
 def test_no_pair_left_to_score_is_an_error_and_no_output(weights, folders, capsys, monkeypatch, tmp_path):
     dis, ref = folders
-    real_load = score_module.load_weights
+    real_load = score_module.load_afine
 
     def rewrite_then_load(*a, **k):
         save(ref / "a.png", np.zeros((8, 8, 3)))
         return real_load(*a, **k)
 
-    monkeypatch.setattr(score_module, "load_weights", rewrite_then_load)
+    monkeypatch.setattr(score_module, "load_afine", rewrite_then_load)
     code, out, err = score(capsys, weights, "--no-progress", dis, ref / "a.png", "--skip-unpaired",
                            "--csv", tmp_path / "scores.csv")
     assert (code, out) == (2, "") and not (tmp_path / "scores.csv").exists()

@@ -82,7 +82,7 @@ def test_archive_reads_to_the_same_state_dict_as_torch_jit(checkpoints):
 
 def test_archive_scores_equal_scores_from_torch_jit_weights(checkpoints):
     """The model with the archive as CLIP scores exactly as one built from torch.jit.load's state dict."""
-    ours = load_afine(checkpoints["clip_ts"], checkpoints["heads"])
+    ours = load_afine(checkpoints["heads"], clip=checkpoints["clip_ts"])
     parts, sources = read_afine_parts(checkpoints["heads"])
     theirs = AFINE(build_clip(jit_state_dict(checkpoints["clip_ts"]), "jit"))
     theirs.load_parts(parts, sources)
@@ -108,7 +108,7 @@ def test_crafted_archive_is_refused_and_nothing_runs(checkpoints, tmp_path, call
     assert "global" in message and f".{call}," in message  # names the refused global, e.g. posix.system
     assert not marker.exists()
     with pytest.raises(AfineError):  # the model loader goes the same way
-        load_afine(crafted, checkpoints["heads"])
+        load_afine(checkpoints["heads"], clip=crafted)
     assert not marker.exists()
 
 

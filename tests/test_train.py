@@ -230,10 +230,10 @@ def test_run_folders_load_in_our_tools(synth, stage1_run, stage2_run, tmp_path):
     cfg = stage3_config(synth, tmp_path / "s3", stage2_run, total_iter=2)
     trained = train_stage3.train(cfg, Dist())
     expected = weights(trained)
-    s1 = load_afine(None, stage1_run, require=("natural",))
-    s2 = load_afine(None, stage2_run, require=("natural", "fidelity"))
-    for loaded in (load_afine(None, tmp_path / "s3", text_tower=True),
-                   load_afine(None, tmp_path / "s3" / "afine.pth", text_tower=True)):
+    s1 = load_afine(stage1_run, require=("natural",))
+    s2 = load_afine(stage2_run, require=("natural", "fidelity"))
+    for loaded in (load_afine(tmp_path / "s3", text_tower=True),
+                   load_afine(tmp_path / "s3" / "afine.pth", text_tower=True)):
         got = loaded.state_dict()
         assert all(torch.equal(got[k], v) for k, v in expected.items())
     for part in ("clip", "natural"):
@@ -445,7 +445,7 @@ def test_validation_accuracy_matches_a_per_image_loop(synth, stage1_run, tmp_pat
     train_stage2.train(cfg, Dist())
     logged = [r for r in map(json.loads, (tmp_path / "s2" / "log.jsonl").read_text().splitlines()) if "val" in r]
     assert [r["step"] for r in logged] == [0, 1]
-    model = load_afine(None, tmp_path / "s2", require=("fidelity",))  # the weights after step 1
+    model = load_afine(tmp_path / "s2", require=("fidelity",))  # the weights after step 1
     data = TripletDataset.from_lists(synth, ["PIPAL"], "Validation", augment=False)
     u1, u2, g = [], [], []
     with torch.no_grad():
@@ -703,14 +703,14 @@ def test_stage2_refuses_to_resume_or_load_on_a_changed_stage1(synth, stage1_run,
     shutil.copytree(stage1_run, s1)
     argv = args(synth, tmp_path / "s2", stage1_dir=s1, total_iter=1, train_datasets="KADID10K")
     assert train_stage2.main(argv) == 0
-    load_afine(None, tmp_path / "s2", require=("fidelity",))  # consistent: loads
+    load_afine(tmp_path / "s2", require=("fidelity",))  # consistent: loads
     clip = torch.load(s1 / "clip_model.pth", weights_only=True)
     clip["visual.ln_pre.bias"] += 0.1
     torch.save(clip, s1 / "clip_model.pth")  # stage 1 changed after stage 2 was trained on it
     assert train_stage2.main([*argv, "--total_iter=2"]) == 2
     assert "clip_model.pth" in capsys.readouterr().err
     with pytest.raises(AfineError, match="clip_model.pth.*changed"):
-        load_afine(None, tmp_path / "s2", require=("fidelity",))
+        load_afine(tmp_path / "s2", require=("fidelity",))
 
 
 def test_a_run_folder_now_pointing_to_another_earlier_run_is_refused_a_moved_copy_loads(synth, stage1_run,
@@ -731,7 +731,7 @@ def test_a_run_folder_now_pointing_to_another_earlier_run_is_refused_a_moved_cop
     point(edited, other)
     message = f"{edited} was trained on another clip_model.pth than {other / 'clip_model.pth'} (its built_on.json"
     with pytest.raises(AfineError) as refused:
-        load_afine(None, edited, require=("fidelity",))  # what evaluate.py --weights s2e --stage 2 loads
+        load_afine(edited, require=("fidelity",))  # what evaluate.py --weights s2e --stage 2 loads
     assert str(refused.value).startswith(message)
     assert train_stage3.main(args(synth, tmp_path / "s3", stage2_dir=edited)) == 2
     err = capsys.readouterr().err
@@ -742,7 +742,7 @@ def test_a_run_folder_now_pointing_to_another_earlier_run_is_refused_a_moved_cop
     point(moved / "s2", moved / "s1")
     shutil.move(stage1_run, tmp_path / "gone")  # the recorded paths are gone
     try:
-        model = load_afine(None, moved / "s2", require=("natural", "fidelity"))
+        model = load_afine(moved / "s2", require=("natural", "fidelity"))
     finally:
         shutil.move(tmp_path / "gone", stage1_run)
     assert torch.equal(model.clip.visual.ln_pre.bias, torch.load(stage1_run / "clip_model.pth",
@@ -865,7 +865,7 @@ def test_fine_tuning_from_an_afine_pth_starts_exactly_at_its_scores(synth, tmp_p
     train_stage2.train(stage2_config(synth, runs[2], runs[1], **frozen, **{"lr.fidelity": 0}), Dist())
     train_stage3.train(stage3_config(synth, runs[3], runs[2], **frozen, **{"lr.natural_scale": 0,
                                      "lr.fidelity_scale": 0, "lr.adapter": 0}), Dist())
-    tuned = load_afine(None, runs[3] / "afine.pth")
+    tuned = load_afine(runs[3] / "afine.pth")
     rng = torch.Generator().manual_seed(0)
     dis, ref = torch.rand(3, 3, 64, 96, generator=rng), torch.rand(3, 3, 64, 96, generator=rng)
     with torch.no_grad():
