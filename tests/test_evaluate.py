@@ -578,7 +578,7 @@ def test_the_mos_panel_draws_the_fitted_logistic_over_the_scores_and_titles_srcc
     images = [tmp_path / f"{k}.png" for k in range(40)]
     bench = Benchmark("MyIQA", [], [], [], np.zeros(0), images, [tmp_path / "ref.png"] * 40, mos)
     drawn = []
-    monkeypatch.setattr(plots, "save_png", lambda fig, path: drawn.append(fig))
+    monkeypatch.setattr(plots, "save_picture", lambda fig, path: drawn.append(fig))
     plots.benchmark_plot(bench, dict(zip(zip(images, bench.mos_refs), x)), correlations(x, mos), "A-FINE D",
                          tmp_path / "MyIQA.png")
     [ax] = drawn[0].axes  # no pairs: the MOS panel alone
