@@ -316,7 +316,8 @@ def _build(kind: str, folder: Path, name: str, data: TripletDataset, table: Pair
     arrays = {f: np.load(folder / f, mmap_mode="r+") for f in FILES[kind]}
     bar = tqdm(total=sum(map(len, paths)) * augmentations, desc=f"caching {name}", unit="img", file=sys.stderr,
                dynamic_ncols=True, disable=not (progress and d.is_main), leave=False)
-    for unit, unit_paths, images in zip(mine, paths, image_loader(paths, workers, d.device)):
+    shapes = [data.base_shape(int(table.first[unit[0]])) for unit in mine]  # units() grouped them by it
+    for unit, unit_paths, images in zip(mine, paths, image_loader(paths, shapes, workers, d.device)):
         where = {p: i for i, p in enumerate(unit_paths)}
         ids = np.array(unit, dtype=np.int64)
         dis = torch.tensor([where[table.pairs[q][0]] for q in unit], device=d.device)

@@ -335,9 +335,12 @@ def resolve_triplets(path: str | Path, index: ImageIndex) -> list[TripletItem]:
 
 def collate_triplets(items: list[dict]) -> dict:
     """Stack a batch of same-size triplets; 'keys' becomes a list of (k1, k2, ky) tuples."""
-    shapes = {tuple(it["x1"].shape) for it in items}
-    if len(shapes) != 1:
-        raise AfineError(f"cannot batch triplets of different sizes {sorted(shapes)}; group by shape first")
+    (_, h, w), first = items[0]["x1"].shape, items[0]["keys"][0].rsplit("|", 1)[0]
+    for it in items[1:]:
+        if it["x1"].shape[-2:] != (h, w):  # the batches were planned by shape from the headers
+            other, (oh, ow) = it["keys"][0].rsplit("|", 1)[0], it["x1"].shape[-2:]
+            raise AfineError(f"{other}: triplets of different sizes in one batch planned as one shape from the "
+                             f"headers, its triplet {ow}x{oh}, {first}'s {w}x{h} (an image changed during the run)")
     batch = {k: torch.stack([it[k] for it in items]) for k in ("x1", "x2", "y", "g12", "g1y", "g2y")}
     batch["keys"] = [it["keys"] for it in items]
     return batch

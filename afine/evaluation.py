@@ -68,6 +68,7 @@ class Plan:
     after it (grouped by reference) and the images whose features are dropped after it."""
 
     batches: list[list[Path]]
+    shapes: list[tuple[int, int]]  # batch -> (H, W) its images had when their headers were read
     fidelity: list[dict[Path, list[Path]]]  # batch -> {ref: [images]}
     keep: list[list[Path]]  # batch -> images whose features must outlive the batch
     release: list[list[Path]]  # batch -> images whose kept features are dropped after the batch
@@ -136,6 +137,7 @@ def plan(images: list[Path], pairs: list[Item], batch_size: int, rank: int = 0, 
         by_shape[sizes[g[0]]] += g
     batches = [paths[i:i + batch_size] for shape in sorted(by_shape) for paths in [by_shape[shape]]
                for i in range(0, len(paths), batch_size)]
+    shapes = [sizes[batch[0]] for batch in batches]
     where = {p: b for b, batch in enumerate(batches) for p in batch}
     fidelity: list[dict[Path, list[Path]]] = [defaultdict(list) for _ in batches]
     last = dict(where)  # batch after which an image's features are no longer needed
@@ -152,29 +154,44 @@ def plan(images: list[Path], pairs: list[Item], batch_size: int, rank: int = 0, 
         if last[p] > b:
             keep[b].append(p)
             release[last[p]].append(p)
-    return Plan(batches, [dict(f) for f in fidelity], keep, release)
+    return Plan(batches, shapes, [dict(f) for f in fidelity], keep, release)
 
 
 # ---------------------------------------------------------------------------------------------- running
 
 
 class ImageBatches(torch.utils.data.Dataset):
-    """Batch i of a plan, decoded and stacked (for a DataLoader with workers, batch_size=None)."""
+    """Batch i of a plan, decoded and stacked (for a DataLoader with workers, batch_size=None).
 
-    def __init__(self, batches: list[list[Path]]):
+    Every image must decode to its batch's planned (H, W), the size its header had when the work was planned:
+    a file rewritten since then is an error naming it (docs/evaluation.md), never a batch that fails to stack
+    or, worse, one scored at another size.
+    """
+
+    def __init__(self, batches: list[list[Path]], shapes: list[tuple[int, int]]):
         self.batches = batches
+        self.shapes = shapes
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.stack([load_image(p, warn_size=False) for p in self.batches[i]])  # plan() checked sizes
+        h, w = self.shapes[i]
+        images = []
+        for p in self.batches[i]:
+            image = load_image(p, warn_size=False)  # the header check warned
+            if tuple(image.shape[-2:]) != (h, w):
+                raise AfineError(f"{p}: changed during the run: {image.shape[-1]}x{image.shape[-2]} now, {w}x{h} "
+                                 f"when checked")
+            images.append(image)
+        return torch.stack(images)
 
 
-def loader(batches: list[list[Path]], workers: int, device: torch.device):
-    """The plan's decoded batches in order; a worker's AfineError (a bad image) surfaces as its one line."""
-    data = torch.utils.data.DataLoader(ImageBatches(batches), batch_size=None, shuffle=False, num_workers=workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=False)
+def loader(batches: list[list[Path]], shapes: list[tuple[int, int]], workers: int, device: torch.device):
+    """The plan's decoded batches in order, each of its planned (H, W) `shapes`; a worker's AfineError (a bad or
+    changed image) surfaces as its one line."""
+    data = torch.utils.data.DataLoader(ImageBatches(batches, shapes), batch_size=None, shuffle=False,
+                                       num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
     iterator = interrupts.batches(data)
     while True:
         try:
@@ -209,14 +226,41 @@ def compute_terms(model: AFINE, items: list[Item], stage: int, cache: TermCache,
     images, pairs = cache.missing(items, stage)
     rank, size = world()
     work = plan(images, pairs, batch_size, rank, size)
+    error = None
+    try:
+        n_new, f_new = _share_terms(model, work, stage, images, device, workers, progress and rank == 0, desc,
+                                    precision)
+    except AfineError as e:  # under torchrun a bad image on one rank is raised on every rank: none waits for it
+        if size == 1:
+            raise
+        n_new, f_new, error = {}, {}, str(e)
+    encoded = sum(len(b) for b in work.batches)
+    if size > 1:
+        gathered: list = [None] * size
+        dist.all_gather_object(gathered, (n_new, f_new, encoded, error))
+        errors = [g[3] for g in gathered if g[3] is not None]
+        if errors:
+            raise AfineError(errors[0])
+        n_new, f_new, encoded = {}, {}, 0
+        for n_part, f_part, e, _ in gathered:
+            n_new.update(n_part)
+            f_new.update(f_part)
+            encoded += e
+    cache.n.update(n_new)
+    cache.f.update(f_new)
+    cache.encoded += encoded
+
+
+def _share_terms(model: AFINE, work: Plan, stage: int, images: list[Path], device: torch.device, workers: int,
+                 progress: bool, desc: str, precision: str) -> tuple[dict[Path, float], dict[Item, float]]:
+    """N_raw and F_raw of this rank's plan: its batches decoded, encoded, scored, in order."""
     n_wanted = set(images) if stage != 3 else None  # stage 3 keeps N of every encoded image
     n_new: dict[Path, float] = {}
     f_new: dict[Item, float] = {}
     kept: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
     total = sum(len(b) for b in work.batches)
-    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress or rank != 0,
-              leave=False) as bar:
-        for b, pixels in enumerate(loader(work.batches, workers, device)):
+    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress, leave=False) as bar:
+        for b, pixels in enumerate(loader(work.batches, work.shapes, workers, device)):
             paths = work.batches[b]
             here = {p: i for i, p in enumerate(paths)}
             x, features = model.encode(pixels.to(device, non_blocking=True), precision=precision)
@@ -235,18 +279,7 @@ def compute_terms(model: AFINE, items: list[Item], stage: int, cache: TermCache,
             for p in work.release[b]:
                 kept.pop(p, None)
             bar.update(len(paths))
-    encoded = total
-    if size > 1:
-        gathered: list = [None] * size
-        dist.all_gather_object(gathered, (n_new, f_new, encoded))
-        n_new, f_new, encoded = {}, {}, 0
-        for n_part, f_part, e in gathered:
-            n_new.update(n_part)
-            f_new.update(f_part)
-            encoded += e
-    cache.n.update(n_new)
-    cache.f.update(f_new)
-    cache.encoded += encoded
+    return n_new, f_new
 
 
 def _gather(paths: list[Path], here: dict[Path, int], x: torch.Tensor, features: torch.Tensor,

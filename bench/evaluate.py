@@ -102,7 +102,7 @@ def run_triplets(model, bench, device):
 def run_floor(model, bench, batch_size, device, workers):
     images = list(dict.fromkeys(p for it in bench.items() for p in it))
     work = plan(images, [], batch_size)
-    for pixels in loader(work.batches, workers, device):
+    for pixels in loader(work.batches, work.shapes, workers, device):
         model.encode(pixels.to(device))
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -345,6 +347,65 @@ def test_bad_image_in_a_loader_worker_is_one_error_line(hand, capsys, tmp_path):
                                  "--workers", workers)
         assert code == 2 and out == ""
         assert err.count("\n") == 1 and err.startswith(f"error: {bad}: cannot read image ("), err
+
+
+@pytest.mark.parametrize("workers,batch_size,changed", [
+    ("0", "16", "I01_01_04.png"),  # a batch of five: before, a raw torch.stack error
+    ("2", "16", "I01_01_04.png"),  # the same in a DataLoader worker
+    ("0", "1", "I01_01_04.png"),   # a batch of one: before, scored at its new size (a silent wrong score)
+    ("2", "1", "I01.png"),         # a reference, kept for later batches' fidelity
+])
+def test_an_image_changed_after_the_header_check_is_one_error_line(hand, capsys, tmp_path, monkeypatch, workers,
+                                                                   batch_size, changed):
+    """An image rewritten to another size between the header check (plan) and its decoding: benchmark numbers
+    need every image, so one error line naming the file and both sizes, exit 2, nothing printed."""
+    import afine.evaluation as evaluation
+
+    run, data, _ = hand
+    copy = tmp_path / "data"
+    shutil.copytree(data / "KADID10K", copy / "KADID10K")
+    path = copy / "KADID10K" / "images" / changed
+    real_sizes = evaluation.image_sizes
+
+    def sizes_then_rewrite(*a, **k):
+        sizes = real_sizes(*a, **k)
+        flat(path, 70, size=(24, 32))
+        return sizes
+
+    monkeypatch.setattr(evaluation, "image_sizes", sizes_then_rewrite)
+    code, out, err = run_cli(capsys, "--bench", "kadid10k", "--data-root", copy, "--weights", run, "--stage", "1",
+                             "--workers", workers, "--batch-size", batch_size)
+    assert (code, out) == (2, "")
+    assert err == f"error: {path}: changed during the run: 32x24 now, 64x64 when checked\n"
+
+
+def test_a_bad_image_on_one_torchrun_rank_stops_every_rank_with_its_line(corpus, tmp_path):
+    """A truncated image (its header intact) fails on the one rank that decodes it: every rank stops with its
+    error line within seconds, none waits for the others in a collective."""
+    data, paths = corpus
+    copy = tmp_path / "data"
+    shutil.copytree(data / "KADID10K", copy / "KADID10K")
+    bad = load_benchmark(copy, "kadid10k").x1[0]
+    bad.write_bytes(bad.read_bytes()[:200])
+    args = ["evaluate.py", "--bench", "kadid10k", "--data-root", str(copy), "--weights", str(paths["afine"]),
+            "--no-progress", "--workers", "0", "--batch-size", "4", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29733", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("a rank still waited after 90 s")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 2 and all(line.startswith(f"error: {bad}: cannot read image (") for line in ours), err
+    assert "gloo" not in err.lower() and "Connection closed" not in err, err
 
 
 def test_unwrap_worker_error():

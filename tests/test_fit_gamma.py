@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from afine.errors import AfineError
 from afine.evaluation import score_items
+from afine.image import load_image
 from afine.labels import MOSRecord, read_mos, write_mos
 from afine.model import load_afine
 from afine.synth import SCALES, generate
@@ -176,3 +179,32 @@ def test_a_mos_list_naming_a_missing_image_is_named_by_file_and_line(tmp_path):
     with pytest.raises(AfineError) as info:
         nr_data(tmp_path)
     assert str(info.value) == f"{mos}:2: image 'I02_09.png' not found under {images}"
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_image_changed_after_the_header_check_is_one_error_line(corpus, tmp_path, capsys, monkeypatch, workers):
+    """fit_gamma needs every image as evaluate.py does: one rewritten to another size after its header was read is
+    one error line naming it, exit 2, nothing written."""
+    import afine.evaluation as evaluation
+
+    data, paths = corpus
+    path = nr_data(data)[0][0][0]
+    original = path.read_bytes()
+    h, w = load_image(path).shape[-2:]
+    real_sizes = evaluation.image_sizes
+
+    def sizes_then_rewrite(*a, **k):
+        sizes = real_sizes(*a, **k)
+        Image.new("RGB", (w + 8, h), (90, 90, 90)).save(path, format=Image.open(io.BytesIO(original)).format)
+        return sizes
+
+    monkeypatch.setattr(evaluation, "image_sizes", sizes_then_rewrite)
+    out_file = tmp_path / "gamma.json"
+    try:
+        code = main(["nr", "--data-root", str(data), "--weights", str(paths["afine"]), "--out", str(out_file),
+                     "--no-progress", "--workers", workers, "--batch-size", "8"])
+    finally:
+        path.write_bytes(original)
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "") and not out_file.exists()
+    assert err == f"error: {path}: changed during the run: {w + 8}x{h} now, {w}x{h} when checked\n"
