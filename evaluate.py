@@ -43,6 +43,7 @@ import time
 
 from afine.atomic import JSON, check_writable, printout, write_json
 from afine.benchmarks import Indexes, dataset_of, load_benchmark, missing_folder, parse_benchmarks
+from afine.compiled import compile_model
 from afine.errors import AfineError, ArgumentParser, command, printable
 from afine.evaluation import (
     DEFAULT_CLIP,
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", metavar="DIR", help="write a PNG per benchmark into this folder (needs matplotlib)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="CLIP's precision: fp32 (default, exact), bf16 or fp16 autocast (heads in float32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile CLIP with torch.compile, once per image size and batch (docs/scoring.md, "
+                             "\"Compiled kernels\")")
     add_model_arguments(parser)
     try:
         args = parser.parse_args(argv)
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         model = load_afine(args.clip, args.weights, require=STAGE_PARTS[args.stage], default_clip=DEFAULT_CLIP)
         model = model.to(device)
+        if args.compile:
+            compile_model(model)
         cache, kept = TermCache(), {}
         start = time.perf_counter()
         results = evaluate(model, benches, args.stage, cache, kept, batch_size=args.batch_size, device=device,
