@@ -7,6 +7,7 @@
 
 --precision bf16 (or fp16) runs CLIP under autocast, the heads in float32: faster where the hardware has it,
 with scores off by a little (docs/scoring.md, "Precision"); the default fp32 is exact.
+--compile compiles CLIP with torch.compile, once per image size and batch (docs/scoring.md, "Compiled kernels").
 --weights is a merged afine.pth or a run folder (a stage-2/3 run folder chains to its earlier stages through
 its config.json); --clip is needed only when the weights hold no fine-tuned CLIP. The score is the raw
 naturalness N for --stage 1, the raw fidelity F for --stage 2, and D for --stage 3 (default, released models).
