@@ -145,7 +145,8 @@ def compile_comparison(weights: Path, sizes: list[tuple[int, int]], precisions: 
     """Compiled against eager, per batch, and the break-even number of pairs including compile time."""
     from afine.compiled import compile_model
 
-    print(f"\ncompiled against eager: AFINE.score on B pairs (2B images), best of {repeats}; first = the first "
+    print(f"\ncompiled against eager: AFINE.score on B pairs (2B images), best of {repeats}, alternated; "
+          "first = the first "
           "compiled batch, compile included; break-even = pairs from which --compile saves time")
     print(f"{'size':>9} {'precision':<9} {'batch':>5} {'eager s':>8} {'compiled s':>10} {'speed-up':>8} "
           f"{'first s':>8} {'break-even':>10} {'load':>5}")
@@ -178,9 +179,10 @@ def time_compiled(eager, fast, dis, ref, precision: str, repeats: int) -> tuple[
         return terms["afine_all_scale"]
 
     run(eager)  # warm-up
-    t_eager = best_of(repeats, lambda: run(eager))
     first = best_of(1, lambda: run(fast))
-    t_fast = best_of(repeats, lambda: run(fast))
+    # alternated, so that both meet the same load on a shared machine; the best of each
+    t_eager, t_fast = (min(t) for t in zip(*[(best_of(1, lambda: run(eager)), best_of(1, lambda: run(fast)))
+                                               for _ in range(repeats)]))
     return t_eager, t_fast, first, (run(fast) - run(eager)).abs().max().item()
 
 
