@@ -7,6 +7,7 @@
 
 --precision bf16 (or fp16) runs CLIP under autocast, the heads in float32: faster where the hardware has it,
 with scores off by a little (docs/scoring.md, "Precision"); the default fp32 is exact.
+--compile compiles CLIP with torch.compile, once per image size and batch (docs/scoring.md, "Compiled kernels").
 --weights is a merged afine.pth or a run folder (a stage-2/3 run folder chains to its earlier stages through
 its config.json); --clip is needed only when the weights hold no fine-tuned CLIP. The score is the raw
 naturalness N for --stage 1, the raw fidelity F for --stage 2, and D for --stage 3 (default, released models).
@@ -43,6 +44,7 @@ import time
 
 from afine.atomic import JSON, check_writable, printout, write_json
 from afine.benchmarks import Indexes, dataset_of, load_benchmark, missing_folder, parse_benchmarks
+from afine.compiled import compile_model
 from afine.errors import AfineError, ArgumentParser, command, printable
 from afine.evaluation import (
     DEFAULT_CLIP,
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", metavar="DIR", help="write a PNG per benchmark into this folder (needs matplotlib)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="CLIP's precision: fp32 (default, exact), bf16 or fp16 autocast (heads in float32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile CLIP with torch.compile, once per image size and batch (docs/scoring.md, "
+                             "\"Compiled kernels\")")
     add_model_arguments(parser)
     try:
         args = parser.parse_args(argv)
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         model = load_afine(args.weights, clip=args.clip, require=STAGE_PARTS[args.stage], default_clip=DEFAULT_CLIP)
         model = model.to(device)
+        if args.compile:
+            compile_model(model)
         cache, kept = TermCache(), {}
         start = time.perf_counter()
         results = evaluate(model, benches, args.stage, cache, kept, batch_size=args.batch_size, device=device,

@@ -19,10 +19,9 @@ def afine(weights=None, clip=None, **kwargs):
         with torch.no_grad():
             model(dis, ref)["afine_all_scale"]  # dis, ref: RGB in [0, 1], [B, 3, H, W], sides >= 32 px
     """
-    from afine.download import released_weights
     from afine.model import load_afine
 
-    return load_afine(clip=clip, weights=released_weights() if weights is None else weights, **kwargs).eval()
+    return load_afine(weights, clip=clip, **kwargs).eval()
 
 
 def afine_loss(term="afine_all", weights=None, **kwargs):
@@ -35,6 +34,5 @@ def afine_loss(term="afine_all", weights=None, **kwargs):
         loss = l1(output, gt) + 0.1 * criterion(output, gt)
     """
     from afine.afine_loss import AFINELoss
-    from afine.download import released_weights
 
-    return AFINELoss(weights=released_weights() if weights is None else weights, term=term, **kwargs)
+    return AFINELoss(weights, term=term, **kwargs)

@@ -26,6 +26,7 @@ import torch
 from afine import runfolder, training
 from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import clip_from_spec, state_dict_for_saving
+from afine.compiled import compile_model
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.errors import AfineError
@@ -100,6 +101,8 @@ def train(cfg: Stage1Config, d: Dist) -> AFINE:
     # model, and what trains: all of CLIP and the naturalness head, one AdamW group each
     model = build_model(cfg).to(d.device)
     training.freeze(model)
+    if cfg.compile:
+        compile_model(model)
     trained = {"clip": model.clip, "natural": model.natural}
     optimizer = training.adamw(cfg, trained, {"clip": cfg.lr.clip, "natural": cfg.lr.natural})
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -29,6 +29,7 @@ import torch
 from afine import cache, runfolder, training
 from afine.batches import GlobalBatches, distinct_images
 from afine.checkpoint import build_clip, file_digests, read_clip_file, run_file, state_dict_for_saving
+from afine.compiled import compile_model
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.losses import rank_loss
@@ -109,6 +110,8 @@ def train(cfg: Stage2Config, d: Dist) -> AFINE:
     # model, and what trains: the fidelity head alone (CLIP frozen)
     model = build_model(cfg).to(d.device)
     training.freeze(model)
+    if cfg.compile:
+        compile_model(model)
     trained = {"fidelity": model.fidelity}
     optimizer = training.adamw(cfg, trained, {"fidelity": cfg.lr.fidelity})
     params = [p for group in optimizer.param_groups for p in group["params"]]

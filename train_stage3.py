@@ -44,6 +44,7 @@ from afine.checkpoint import (
     run_file,
     state_dict_for_saving,
 )
+from afine.compiled import compile_model
 from afine.datasets import TripletDataset
 from afine.distributed import Dist
 from afine.errors import AfineError
@@ -180,6 +181,8 @@ def train(cfg: Stage3Config, d: Dist) -> AFINE:
     check_built_on(Path(cfg.stage2_dir), frozen_files(cfg), built_on)
     model = build_model(cfg).to(d.device)
     training.freeze(model)
+    if cfg.compile:
+        compile_model(model)
     trained = {"natural_scale": model.natural_scale, "fidelity_scale": model.fidelity_scale, "adapter": model.adapter}
     optimizer = training.adamw(cfg, trained, {"natural_scale": cfg.lr.natural_scale,
                                               "fidelity_scale": cfg.lr.fidelity_scale, "adapter": cfg.lr.adapter})

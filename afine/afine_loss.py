@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compiled import compile_model
 from .image import MIN_SIDE
 from .model import AFINE, HEADS, load_afine
 
@@ -43,13 +44,15 @@ class AFINELoss(nn.Module):
     gradient: "stable" (default) takes the gradient of the fidelity statistics S1, S2 from a well-conditioned twin
     (bounded on near-constant channels), "exact" from the published formulas; the values are the same, bit for
     bit (docs/loss.md).
+    compile: compile the CLIP tower with torch.compile (afine/compiled.py), once per output shape; in place, so an
+    AFINE model given as `weights` runs compiled elsewhere too. Measured on CPU only (docs/loss.md).
     save_weights: include the frozen A-FINE weights in state_dict() (by default a model holding this loss as a
     submodule saves and strictly loads its checkpoints without them).
     """
 
     def __init__(self, weights: str | Path | AFINE, term: str = "afine_all", reduction: str = "mean",
                  clip: str | Path | None = None, checkpoint_blocks: bool = False, amp: str = "off",
-                 save_weights: bool = False, gradient: str = "stable"):
+                 save_weights: bool = False, gradient: str = "stable", compile: bool = False):
         super().__init__()
         if term not in LOSS_TERMS:
             hint = " (it does not depend on the output; afine_nr is the output's)" if term == "afine_nr_ref" else ""
@@ -64,6 +67,8 @@ class AFINELoss(nn.Module):
         self.checkpoint_blocks, self.save_weights = checkpoint_blocks, save_weights
         self.afine = weights if isinstance(weights, AFINE) else load_afine(weights, clip=clip, require=LOSS_TERMS[term])
         self.afine.requires_grad_(False).eval()
+        if compile:
+            compile_model(self.afine)
         self.register_state_dict_post_hook(drop_frozen_weights)
         self.register_load_state_dict_pre_hook(keep_frozen_weights)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from .afine_loss import check_images
-from .download import released_weights
 from .errors import optional_import
 from .model import AFINE, PRECISIONS, TERMS, load_afine
 
@@ -60,7 +59,7 @@ class AFINEMetric(torchmetrics.Metric):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.term, self.reduction, self.precision = term, reduction, precision
         if not isinstance(weights, AFINE):
-            weights = load_afine(clip=clip, weights=released_weights() if weights is None else weights)
+            weights = load_afine(weights, clip=clip)  # None: the released weights, downloaded on first use
         self.afine = weights.requires_grad_(False).eval()
         self.register_state_dict_post_hook(drop_model_weights)
         self.register_load_state_dict_pre_hook(keep_model_weights)

@@ -59,6 +59,13 @@ class AFINE(nn.Module):
         # where a model loaded for scoring (no text tower) finds its CLIP's text tower to be exported whole:
         # (file, kind, file stamp), see load_afine and checkpoint.read_text_tower
         self.text_tower_source: tuple | None = None
+        self.compiled_tower = None  # afine.compiled.compile_model sets it: encode then runs the compiled tower
+
+    def tower(self, images: torch.Tensor, checkpoint_blocks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessing and CLIP: images [B, 3, H, W] in [0, 1] -> (normalised, resized images; features
+        [B, L, T, W]). The part that `--compile` compiles (afine/compiled.py)."""
+        x = preprocess(images)
+        return x, torch.stack(self.clip.visual(x, checkpoint_blocks), dim=1)
 
     def encode(self, images: torch.Tensor, checkpoint_blocks: bool = False,
                precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +75,7 @@ class AFINE(nn.Module):
         heads; fp32 (training's amp "off") is exact and returns the model's own dtype (float64 for a .double() model).
         """
         with autocast(images.device, precision):
-            x = preprocess(images)
-            features = torch.stack(self.clip.visual(x, checkpoint_blocks), dim=1)
+            x, features = (self.compiled_tower or self.tower)(images, checkpoint_blocks)
         return (x.float(), features.float()) if precision in HALF else (x, features)
 
     def terms(self, n_dis: torch.Tensor, n_ref: torch.Tensor, f: torch.Tensor) -> dict[str, torch.Tensor]:

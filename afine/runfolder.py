@@ -45,7 +45,8 @@ OFFICIAL_FILES = (*PART_FILES.values(), "afine.pth")
 # Fields a resumed run may change: they do not alter the training trajectory (the global batch is checked apart).
 RESUMABLE = ("total_iter", "val_every", "save_every", "keep_saves", "log_every", "val_datasets", "workers", "device",
              "checkpoint_blocks", "resume", "overwrite", "data_root", "out_dir", "stage1_dir", "stage2_dir",
-             "batch_size", "grad_accum", "micro_batch", "cache", "cache_dir", "tensorboard")
+             "batch_size", "grad_accum", "micro_batch", "cache", "cache_dir", "tensorboard",
+             "compile")
 
 
 # ---------------------------------------------------------------------------------------------- start or resume

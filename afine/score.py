@@ -34,6 +34,7 @@ from tqdm import tqdm
 from . import distributed
 from .atomic import CSV, check_writable, printout, write_text
 from .checkpoint import weight_files
+from .compiled import compile_model
 from .download import released_path, released_weights
 from .errors import AfineError, printable, report, warn
 from .evaluation import close_distributed, pick_device, world
@@ -294,6 +295,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="CLIP's precision: fp32 (default, exact), bf16 or fp16 autocast (faster where the "
                              "hardware has it; heads in float32; docs/scoring.md, \"Precision\")")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile CLIP with torch.compile, once per image size and batch (worth it for large "
+                             "jobs only: docs/scoring.md, \"Compiled kernels\")")
     parser.add_argument("--workers", type=int,
                         help="threads decoding the next batches while CLIP runs, one batch each (default: 2 on a CPU, "
                              "up to 8 with CUDA; 0: none)")
@@ -384,7 +388,8 @@ def prepare(args: argparse.Namespace,
     sizes = check_pairs(pairs)  # fail on a bad image before loading (or downloading) a large model
     weights = (args.weights if args.weights is not None
                else released_weights(args.offline, not args.no_progress, check=check_weights))
-    return pairs, sizes, load_afine(weights, clip=args.clip).to(device)
+    model = load_afine(weights, clip=args.clip).to(device)
+    return pairs, sizes, compile_model(model) if args.compile else model
 
 
 def write_results(args: argparse.Namespace, pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:

@@ -66,6 +66,7 @@ class RunConfig:
     grad_accum: int = 1  # one process doing the work of several (same global batch, same result)
     micro_batch: int = 0  # at most this many images per CLIP forward pass (3 per triplet); 0: no cap
     amp: str = "off"  # off (float32, as published) | bf16 | fp16 (with a gradient scaler)
+    compile: bool = False  # compile CLIP with torch.compile, once per shape (docs/training.md, "Compiled kernels")
     val_every: int = 1000  # 0: no validation
     save_every: int = 1000  # training state + official files every this many steps (and at the end)
     keep_saves: bool = False  # also keep every save's official files in saves/step_XXXXXXXX/

@@ -2,6 +2,7 @@
 
     python bench/loss.py                                  # CPU: 256 and 512 px, batch 2, a few minutes
     python bench/loss.py --device cuda --batch 8 --iters 10
+    python bench/loss.py --compile --sizes 224 --iters 3     # AFINELoss(compile=True) against eager, float32
 
 A random full-size ViT-B/32 A-FINE (official shapes, random weights: no download). For each size, each
 configuration runs in its own process: the scoring forward (`model(output, reference)` without autograd) in
@@ -13,6 +14,8 @@ torch's allocator holds during one more batch, above what it held before (the to
 free records, summed in time order); on CUDA, max_memory_allocated above the start. (The process's peak RSS
 would count the C allocator's retained and fragmented blocks and, being a high-water mark, one-time peaks.)
 Times on a shared machine are noisy.
+--compile times the loss's forward+backward in float32 eager and compiled (AFINELoss(compile=True)) instead, with
+the first batch (the compile) apart and the break-even number of batches; no 32 px warm-up then (it would compile).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def worker(args: argparse.Namespace) -> dict:
             with torch.inference_mode(), autocast:
                 model(output, reference)
     else:
-        criterion = AFINELoss(model, "afine_all", amp=args.amp, checkpoint_blocks=args.checkpoint)
+        criterion = AFINELoss(model, "afine_all", amp=args.amp, checkpoint_blocks=args.checkpoint,
+                              compile=args.compiled)
 
         def step(output: torch.Tensor, reference: torch.Tensor) -> None:
             criterion(output, reference).backward()
@@ -75,14 +79,25 @@ def worker(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step(*pairs(32))  # lazy imports and one-time allocations (kernel caches): not the configuration's memory
+    if not args.compare_compile:
+        step(*pairs(32))  # lazy imports and one-time allocations (kernel caches): not the configuration's memory
     output, reference = pairs(args.size)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         allocated = torch.cuda.memory_allocated() / 2**20
-    step(output, reference)  # warm-up
+    start = time.perf_counter()
+    step(output, reference)  # warm-up (compiled: the compile)
     sync()
+    first = time.perf_counter() - start
+    if args.compare_compile:  # best of the timed batches, on a busy machine
+        times = []
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            step(output, reference)
+            sync()
+            times.append(time.perf_counter() - start)
+        return {"seconds": min(times), "first": first}
     start = time.perf_counter()
     for _ in range(args.iters):
         step(output, reference)
@@ -103,6 +118,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per configuration")
+    parser.add_argument("--compile", dest="compare_compile", action="store_true",
+                        help="compare the float32 loss compiled (AFINELoss(compile=True)) with eager instead")
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=["score", "loss"], help=argparse.SUPPRESS)
     parser.add_argument("--amp", choices=["off", "bf16"], default="off", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
@@ -119,6 +137,9 @@ def main() -> None:
         print(f"device {device}, torch {torch.__version__}, random ViT-B/32 A-FINE, batch {args.batch} pairs, "
               f"{args.iters} timed batches after 1 warm-up; peak: MiB above weights and inputs")
         print(f"{'size':>5} {'what':<24} {'s/batch':>8} {'x score':>8} {'peak':>6} {'x ckpt':>7}")
+    if args.compare_compile:
+        compare_compile(args)
+        return
     for size in (int(s) for s in args.sizes.split(",")):
         results = {}
         for kind, amp, checkpoint in CONFIGS:
@@ -142,6 +163,30 @@ def main() -> None:
     if not args.json:
         print("x score: time over the scoring forward of the same pairs in the same precision; x ckpt: peak without "
               "checkpointing over peak with it")
+
+
+def compare_compile(args: argparse.Namespace) -> None:
+    """The float32 loss's forward+backward, eager against compiled, each in its own process (best of --iters)."""
+    import os
+
+    print(f"AFINELoss afine_all fwd+bwd, float32, batch {args.batch}, best of {args.iters}; first: the first batch "
+          "(compiled: the compile)")
+    print(f"{'size':>5} {'eager s':>8} {'compiled s':>10} {'speed-up':>8} {'first s':>8} {'break-even':>10} "
+          f"{'load':>5}")
+    for size in (int(s) for s in args.sizes.split(",")):
+        r = {}
+        for compiled in (False, True):
+            cmd = [sys.executable, __file__, "--kind", "loss", "--size", str(size), "--batch", str(args.batch),
+                   "--iters", str(args.iters), "--device", args.device, "--threads", str(args.threads), "--compile"]
+            proc = subprocess.run(cmd + (["--compiled"] if compiled else []), capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"error: loss compiled={compiled} failed:\n{proc.stderr}")
+            r[compiled] = json.loads(proc.stdout.strip().splitlines()[-1])
+        eager, fast = r[False]["seconds"], r[True]["seconds"]
+        even = f"{(r[True]['first'] - fast) / (eager - fast):>10.0f}" if eager > fast else f"{'never':>10}"
+        print(f"{size:>5} {eager:>8.2f} {fast:>10.2f} {eager / fast:>7.2f}x {r[True]['first']:>8.1f} {even} "
+              f"{os.getloadavg()[0]:>5.1f}", flush=True)
+    print("break-even: batches from which the compiled loss, compile included, takes less time")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ the time to first score; optionally the whole command on N pairs, fp32 against b
     python bench/score.py --end-to-end 200              # also the whole command on 200 pairs, 4 minutes more
     OMP_WAIT_POLICY=PASSIVE python bench/score.py       # on a machine whose cores other jobs use too (below)
     python bench/score.py --device cuda --pairs 256 --batch-sizes 1,8,32,64 --workers 0,2,4,8
+    python bench/score.py --compile 224x224,384x512 --batch-sizes 1,8 --repeats 5   # compiled against eager only
+
+--compile SIZES compares `--compile` (afine/compiled.py) with eager instead of the grid: per image size, precision
+and batch, the first compiled batch (compile included), the best of --repeats batches compiled and eager, and
+the break-even job size: the pairs from which compile time plus compiled batches cost less than eager ones
+(docs/scoring.md, "Compiled kernels"). Each batch is B test images against B references (2B images through CLIP),
+random pixels, timed in this process on AFINE.score (CLIP and heads; no decoding, which the option leaves as it
+is). With --end-to-end N, the whole command on N pairs is also timed with and without --compile (fp32, batch 8).
 
 A random full-size ViT-B/32 A-FINE (no download), saved as a merged afine.pth with the text tower, the size of
 the released file. Test images are the synthetic corpus's scenes (afine/synth.py) with added noise, saved as
@@ -110,15 +118,72 @@ def time_to_first_score(weights: Path, pair: tuple[Path, Path], device: str, pre
     return seconds, row
 
 
-def end_to_end(weights: Path, folder: Path, device: str, precision: str, batch_size: int) -> float:
+def end_to_end(weights: Path, folder: Path, device: str, precision: str, batch_size: int,
+               extra: tuple[str, ...] = ()) -> float:
     """Wall seconds of `python -m afine score DIS_DIR REF_DIR` (start, model load, every pair, output)."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "afine", "score", "--weights", str(weights), "--no-progress",
-                           "--device", device, "--precision", precision, "--batch-size", str(batch_size),
+                           "--device", device, "--precision", precision, "--batch-size", str(batch_size), *extra,
                            str(folder / "dis"), str(folder / "ref")], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"error: python -m afine score failed:\n{proc.stderr}")
     return time.perf_counter() - start
+
+
+def best_of(repeats: int, fn) -> float:
+    """The shortest of `repeats` timed calls (a busy machine only ever slows a run down)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def compile_comparison(weights: Path, sizes: list[tuple[int, int]], precisions: list[str], batch_sizes: list[int],
+                       repeats: int, device: torch.device) -> None:
+    """Compiled against eager, per batch, and the break-even number of pairs including compile time."""
+    from afine.compiled import compile_model
+
+    print(f"\ncompiled against eager: AFINE.score on B pairs (2B images), best of {repeats}, alternated; "
+          "first = the first "
+          "compiled batch, compile included; break-even = pairs from which --compile saves time")
+    print(f"{'size':>9} {'precision':<9} {'batch':>5} {'eager s':>8} {'compiled s':>10} {'speed-up':>8} "
+          f"{'first s':>8} {'break-even':>10} {'load':>5}")
+    eager = load_afine(None, weights).to(device)
+    for h, w in sizes:
+        for precision in precisions:
+            for b in batch_sizes:
+                g = torch.Generator().manual_seed(0)
+                dis, ref = (torch.rand(b, 3, h, w, generator=g).to(device) for _ in range(2))
+                fast = compile_model(load_afine(None, weights).to(device))  # a fresh model: its own compile
+                t_eager, t_fast, first, diff = time_compiled(eager, fast, dis, ref, precision, repeats)
+                saving = (t_eager - t_fast) / b  # seconds per pair
+                even = f"{(first - t_fast) / saving:>10.0f}" if saving > 0 else f"{'never':>10}"
+                print(f"{f'{h}x{w}':>9} {precision:<9} {b:>5} {t_eager:>8.3f} {t_fast:>10.3f} "
+                      f"{t_eager / t_fast:>7.2f}x {first:>8.1f} {even} {os.getloadavg()[0]:>5.1f}  "
+                      f"(max |diff| afine_all_scale {diff:.1e})", flush=True)
+                torch._dynamo.reset()
+
+
+@torch.inference_mode()
+def time_compiled(eager, fast, dis, ref, precision: str, repeats: int) -> tuple[float, float, float, float]:
+    """Seconds per batch eager and compiled (best of `repeats`), of the first compiled batch, and the largest
+    difference of afine_all_scale between the two."""
+    index = torch.arange(dis.shape[0])
+
+    def run(model):
+        terms = model.score(dis, ref, index, precision)
+        if dis.device.type == "cuda":
+            torch.cuda.synchronize()
+        return terms["afine_all_scale"]
+
+    run(eager)  # warm-up
+    first = best_of(1, lambda: run(fast))
+    # alternated, so that both meet the same load on a shared machine; the best of each
+    t_eager, t_fast = (min(t) for t in zip(*[(best_of(1, lambda: run(eager)), best_of(1, lambda: run(fast)))
+                                               for _ in range(repeats)]))
+    return t_eager, t_fast, first, (run(fast) - run(eager)).abs().max().item()
 
 
 def numbers(text: str) -> list[int]:
@@ -138,6 +203,9 @@ def main() -> None:
     parser.add_argument("--decode-pairs", type=int, default=64, help="pairs for the decoding comparison (default 64)")
     parser.add_argument("--end-to-end", type=int, default=0, metavar="N",
                         help="also time the whole command on N pairs at each precision (batch 8; default 0: skip)")
+    parser.add_argument("--compile", metavar="SIZES", default="",
+                        help="compare --compile with eager at these HxW sizes (comma list) instead of the grid")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many batches (--compile; default 3)")
     parser.add_argument("--keep", help="keep the generated files in this folder (default: a temporary one)")
     args = parser.parse_args()
     h, w = map(int, args.size.split("x"))
@@ -149,6 +217,25 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, torch {torch.__version__}, random ViT-B/32 A-FINE, {args.size} PNG pairs "
           f"(a reference each), machine load {os.getloadavg()[0]:.1f}", flush=True)
+    if args.compile:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            weights = folder / "afine.pth"
+            save_afine(weights, random_b32().parts())
+            sizes = [tuple(map(int, size.split("x"))) for size in args.compile.split(",")]
+            compile_comparison(weights, sizes, precisions, batch_sizes, args.repeats, device)
+            if args.end_to_end:
+                pairs = make_pairs(folder / "png", args.end_to_end, h, w, ".png")
+                print(f"\nthe whole command on {args.end_to_end} {args.size} pairs (python -m afine score DIS_DIR "
+                      "REF_DIR, fp32, batch 8, default workers)")
+                for extra in ((), ("--compile",)):
+                    s = end_to_end(weights, folder / "png", args.device, "fp32", 8, extra)
+                    print(f"{' '.join(extra) or 'eager':<9} {s:>8.1f} s  {len(pairs) / s:>7.3f} pairs/s  load "
+                          f"{os.getloadavg()[0]:.1f}", flush=True)
+        finally:
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+        return
     try:
         start = time.perf_counter()
         pairs = make_pairs(folder / "png", max(cell, args.end_to_end, args.decode_pairs, 1), h, w, ".png")
