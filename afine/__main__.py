@@ -1,4 +1,5 @@
-"""`afine <command>` (installed by pip) or `python -m afine <command>`: the command line (score, curves)."""
+"""`afine <command>` (installed by pip) or `python -m afine <command>`: the command line (score, curves,
+export-onnx)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .interrupts import exit_on_ctrl_c
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from . import score  # here, not above: the `afine` command handles Ctrl-C before torch loads (entry)
+    from . import onnx_export, score  # here, not above: the `afine` command handles Ctrl-C before torch loads (entry)
 
     prog = "python -m afine" if sys.argv[0].endswith("__main__.py") else "afine"
     parser = ArgumentParser(prog=prog, description="A-FINE image quality (lower is better).")
@@ -25,11 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     curves.add_argument("runs", nargs="+", metavar="RUN", help="training run folders (out_dir) or their log.jsonl")
     curves.add_argument("--out", default="curves.png", help="the picture to write, in the format its suffix names: "
                         ".png (default curves.png), .pdf, .svg, .jpg, .tif, .eps, .ps; '-': PNG on standard output")
+    onnx_export.add_arguments(commands.add_parser("export-onnx", help="the scoring model as an ONNX file (needs "
+                                                  "onnx, onnxscript and onnxruntime: pip install '.[onnx]')"))
     args = parser.parse_args(argv)
     if args.command == "curves":
         from . import plots  # imported only by this command: scoring does not pay for the plotting code
 
         return plots.curves_command(args)
+    if args.command == "export-onnx":
+        return onnx_export.run(args)  # onnx, onnxscript and onnxruntime are imported there, by this command only
     return score.run(args)
 
 

@@ -125,8 +125,9 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def padded_size(h: int, w: int, multiple: int = 32) -> tuple[int, int]:
-    """The next multiples of `multiple` at or above (h, w)."""
-    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    """The next multiples of `multiple` at or above (h, w). Floor division of non-negative numbers only: an ONNX
+    export turns `//` into a division that truncates, which differs from Python's floor for negative ones."""
+    return (h + multiple - 1) // multiple * multiple, (w + multiple - 1) // multiple * multiple
 
 
 def preprocess(x: torch.Tensor) -> torch.Tensor:
