@@ -4,6 +4,8 @@ import importlib
 
 from .errors import AfineError
 
+__version__ = "0.1.0"  # the one place it is written (pyproject.toml reads it)
+
 __all__ = ["AFINE", "AFINELoss", "AfineError", "TERMS", "load_afine", "load_image"]
 _FROM = {"AFINE": "model", "AFINELoss": "afine_loss", "TERMS": "model", "load_afine": "model", "load_image": "image"}
 

@@ -22,9 +22,10 @@ import math
 import os
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -38,6 +39,8 @@ from .evaluation import close_distributed, init_distributed, pick_device, world
 from .folders import image_pairs
 from .image import image_size, load_image
 from .model import AFINE, PRECISIONS, TERMS, load_afine
+
+T = TypeVar("T")
 
 
 def read_pairs(file: str | Path) -> list[tuple[Path, Path]]:
@@ -134,14 +137,12 @@ def decoded_batches(pairs: list[tuple[Path, Path]], batches: list[list[int]], wo
 
 
 @torch.inference_mode()
-def score_share(model: AFINE, pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], batch_size: int,
-                device: torch.device, precision: str, workers: int, progress: bool, rank: int = 0,
-                size: int = 1) -> dict[int, list[float]]:
-    """The five terms of process `rank`'s share of the pairs (batches rank, rank + size, ... of the plan), by
-    pair index; the progress bar counts pairs."""
-    batches = plan_batches(pairs, sizes, batch_size)[rank::size]
+def score_batches(model: AFINE, pairs: list[tuple[Path, Path]], batches: list[list[int]], device: torch.device,
+                  precision: str, workers: int, progress: bool, unit: str = "pair") -> dict[int, list[float]]:
+    """The five terms of the pairs in `batches` (lists of pair indices, one image size each), by pair index; the
+    progress bar counts pairs, as `unit`s."""
     results = {}
-    with tqdm(total=sum(map(len, batches)), desc="scoring", unit="pair", disable=not progress,
+    with tqdm(total=sum(map(len, batches)), desc="scoring", unit=unit, disable=not progress,
               file=sys.stderr) as bar:
         for batch, (dis, refs, ref_index) in zip(batches, decoded_batches(pairs, batches, workers,
                                                                           pin=device.type == "cuda")):
@@ -161,11 +162,20 @@ def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 
     Under torchrun (afine.evaluation.init_distributed) process r of R scores batches r, r + R, ... of the plan
     and every process gets every result: the batches, and so the values, are those of one process.
     """
+    sizes = check_pairs(pairs) if sizes is None else sizes
+    return score_planned(model, pairs, plan_batches(pairs, sizes, batch_size), device, progress, precision, workers)
+
+
+def score_planned(model: AFINE, pairs: list[tuple[Path, Path]], batches: list[list[int]],
+                  device: str | torch.device = "cpu", progress: bool = True, precision: str = "fp32",
+                  workers: int = 2, unit: str = "pair") -> list[dict[str, float]]:
+    """The five terms for every pair, in input order, scored in the given batches (lists of pair indices, one
+    image size each; see score_pairs). Under torchrun process r of R scores batches r, r + R, ... and every
+    process gets every result."""
     rank, size = world()
     d = distributed.Dist(rank=rank, world_size=size)
-    sizes = check_pairs(pairs) if sizes is None else sizes
-    mine = distributed.agree(d, score_share, model, pairs, sizes, batch_size, torch.device(device), precision,
-                             workers, progress and rank == 0, rank, size)
+    mine = distributed.agree(d, score_batches, model, pairs, batches[rank::size], torch.device(device), precision,
+                             workers, progress and rank == 0, unit)
     values = {i: row for part in distributed.gather_objects(d, mine) for i, row in part.items()}
     return [dict(zip(TERMS, values[i])) for i in range(len(pairs))]
 
@@ -215,6 +225,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with folders: skip images without a partner (listed in a warning) instead of failing")
     parser.add_argument("--csv", metavar="FILE", help="also write the scores to this CSV file")
     parser.add_argument("--pairs", help="file of 'dis,ref' lines (paths relative to the file's folder)")
+    add_model_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="one JSON object per pair per line")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the model and how it runs, shared with `afine compare`."""
     parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file), for weights "
                         "without a fine-tuned CLIP")
     parser.add_argument("--weights", help="A-FINE weights: afine.pth or a folder of net_*.pth files (default: the "
@@ -228,28 +244,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int,
                         help="threads decoding the next batches while CLIP runs, one batch each (default: 2 on a CPU, "
                              "up to 8 with CUDA; 0: none)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per pair per line")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Score and print. Under torchrun only rank 0 prints and writes; an error any rank meets is raised on every
-    rank (afine.distributed.agree): rank 0 reports it, and the others exit with the same code once it has, since
-    torchrun stops every process as soon as one exits."""
-    device = pick_device(args.device, init_distributed(args.device))
+    """Score and print; under torchrun only rank 0 prints and writes (run_ranks)."""
+
+    def work(d: distributed.Dist) -> tuple[list[tuple[Path, Path]], list[dict[str, float]]]:
+        pairs, sizes, model = distributed.agree(d, prepare, args, d.device)
+        results = score_pairs(model, pairs, args.batch_size, d.device, progress=not args.no_progress,
+                              precision=args.precision,
+                              workers=default_workers(d.device) if args.workers is None else args.workers,
+                              sizes=sizes)
+        check_finite(pairs, results)
+        return pairs, results
+
+    return run_ranks(args.device, work, lambda done: write_results(args, *done))
+
+
+def run_ranks(device: str, work: Callable[[distributed.Dist], T], write: Callable[[T], None]) -> int:
+    """`work(d)` on every process (d: its rank and device), then `write(result)` on rank 0 alone; the other ranks
+    print nothing. An error any rank meets is raised on every rank (afine.distributed.agree, which `work` uses
+    around its steps): rank 0 reports it, and the others exit with the same code once it has, since torchrun
+    stops every process as soon as one exits."""
+    device = pick_device(device, init_distributed(device))
     rank, size = world()
     d = distributed.Dist(rank=rank, world_size=size, device=device)
     try:
         with silenced(rank != 0):
             try:
-                pairs, sizes, model = distributed.agree(d, prepare, args, device)
-                results = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress,
-                                      precision=args.precision,
-                                      workers=default_workers(device) if args.workers is None else args.workers,
-                                      sizes=sizes)
-                check_finite(pairs, results)
+                result = work(d)
             except AfineError as e:
                 if size == 1:
                     raise
@@ -258,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
                 distributed.barrier(d)
                 return 2
         if rank == 0:
-            write_results(args, pairs, results)
+            write(result)
     finally:
         close_distributed()
     return 0
@@ -278,15 +304,30 @@ def prepare(args: argparse.Namespace,
     else:
         raise AfineError("give DIS REF (images, or folders paired by name) or --pairs FILE")
     if args.csv:  # before the work, not after it; never over an image, the pairs file or the weights
-        inputs = [p for pair in pairs for p in pair] + [Path(f) for f in (args.pairs, args.clip) if f]
-        check_writable(args.csv, inputs + weight_files(args.weights if args.weights is not None else released_path()))
+        inputs = [p for pair in pairs for p in pair] + ([Path(args.pairs)] if args.pairs else [])
+        check_writable(args.csv, inputs + model_files(args))
+    check_numbers(args)
+    sizes = check_pairs(pairs)  # fail on a bad image before loading (or downloading) a large model
+    return pairs, sizes, load_model(args, device)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise AfineError(f"--workers must be 0 or more, got {args.workers}")
-    sizes = check_pairs(pairs)  # fail on a bad image before loading (or downloading) a large model
+
+
+def model_files(args: argparse.Namespace) -> list[Path]:
+    """The files loading the model reads: the weights (those given, or the released file) and the CLIP."""
+    weights = args.weights if args.weights is not None else released_path()
+    return weight_files(weights) + ([Path(args.clip)] if args.clip else [])
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> AFINE:
+    """The model the options name, on `device`: the released weights are downloaded on first use."""
     weights = args.weights if args.weights is not None else released_weights(args.offline, not args.no_progress)
-    return pairs, sizes, load_afine(args.clip, weights).to(device)
+    return load_afine(args.clip, weights).to(device)
 
 
 def write_results(args: argparse.Namespace, pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
