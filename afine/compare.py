@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from . import compare_stats, distributed, provenance, report, score
 from .atomic import check_not_input, check_writable, reason, write_json, write_text
-from .datasets import IMAGE_SUFFIXES
 from .errors import AfineError, printable, warn
 from .folders import broken_description, broken_link, folder_images, listing, pair_folder
 from .model import TERMS
@@ -126,21 +125,35 @@ def test_sets(reference: Path) -> tuple[list[tuple[str, Path]], bool]:
     if not reference.is_dir():
         raise AfineError(f"{reference}: not a folder of reference images")
     folders = subfolders(reference)
-    images = [p for p in reference.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
-    if folders and not images:
+    if folders and not images_in(reference):
         return [(f.name, f) for f in folders], True
     return [(reference.name or reference.resolve().name, reference)], False
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The images at the top level of a folder, as afine score reads them (none: an empty list, not an error)."""
+    try:
+        next(folder.iterdir(), None)
+    except OSError as e:
+        raise AfineError(f"{folder}: cannot read folder ({reason(e)})") from None
+    try:
+        return folder_images(folder)
+    except AfineError:  # the folder can be read: it holds no image
+        return []
 
 
 def pair_set(name: str, folder: Path, methods: list[Method], multi: bool) -> tuple[TestSet, list[str]]:
     """Every method's outputs for the references of one set, and what is missing: the test set keeps the
     references that every method has exactly one readable output for."""
     references = folder_images(folder)
-    found, missing = [], []
+    found, counts, missing = [], [], []
     for method in methods:
         outputs = method.folder / name if multi else method.folder
-        if not outputs.is_dir():
-            missing.append(f"{outputs} (set {name} missing for method {method.name})")
+        images = images_in(outputs) if outputs.is_dir() else []
+        counts.append(len(images))
+        if not images:
+            what = "missing" if not outputs.is_dir() else "without images"
+            missing.append(f"{outputs} (set {name} {what} for method {method.name})")
             found.append({})
             continue
         pairs, unpaired = pair_folder(outputs, folder)  # the pairing of `afine score DIS_DIR REF_DIR`
@@ -158,8 +171,6 @@ def pair_set(name: str, folder: Path, methods: list[Method], multi: bool) -> tup
         found.append(mine)
         missing += unpaired
     common = [r for r in references if all(r in mine for mine in found)]
-    folders = [m.folder / name if multi else m.folder for m in methods]
-    counts = [len(folder_images(f)) if f.is_dir() else 0 for f in folders]
     return TestSet(name, folder, common, [[mine[r] for r in common] for mine in found],
                    [c - len(common) for c in counts], len(references) - len(common)), missing
 
@@ -272,8 +283,7 @@ def write_outputs(args: argparse.Namespace, methods: list[Method], sets: list[Te
     weights = [p for p in score.model_files(args) if p.is_file() and (not args.clip or p != Path(args.clip))]
     facts = {**provenance.facts(weights, Path(args.clip) if args.clip else None, device), "term": args.term,
              "precision": args.precision}
-    summary = summarise(methods, sets, multi, results, k, args.term, args.bootstrap, facts)
-    summary["reference"] = printable(args.reference)
+    summary = summarise(methods, sets, multi, results, k, args.term, args.bootstrap, facts, args.reference)
     print(format_table(summary, args.format), end="")
     if args.html:
         report.write(Path(args.html), summary, sets, methods, progress=not args.no_progress)
@@ -287,12 +297,12 @@ def write_outputs(args: argparse.Namespace, methods: list[Method], sets: list[Te
 
 
 def summarise(methods: list[Method], sets: list[TestSet], multi: bool, results: list[dict[str, float]], k: float,
-              term: str, resamples: int, facts: dict) -> dict:
+              term: str, resamples: int, facts: dict, reference: str | Path = "") -> dict:
     """Everything the outputs show, as JSON-ready values: per set and method the mean, interval, term means,
     rank and how often the output was judged more natural than its reference; pairwise preferences and tests;
     every image's terms with lambda; the mean rank over sets."""
     summary = {"produced_by": facts, "term": term, "lower_is_better": True, "layout": "sets" if multi else "one set",
-               "bootstrap": {"resamples": resamples, "seed": 0, "level": 0.95},
+               "bootstrap": {"resamples": resamples, "seed": 0, "level": 0.95}, "reference": printable(reference),
                "methods": [{"name": printable(m.name), "folder": printable(m.folder)} for m in methods], "sets": []}
     start = 0
     all_ranks = []

@@ -20,16 +20,11 @@ from scipy import stats
 
 from afine.__main__ import main
 from afine.model import AFINE, TERMS, load_afine
+from tests.test_score_folders import save
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 METHODS = {"EDSR": 12, "SRCNN": 40, "ESRGAN": 25}  # noise amplitude of each method's outputs
 SETS = {"Set5": 4, "Urban": 3}  # images per set
-
-
-def save(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +86,8 @@ def result(weights, corpus, tmp_path_factory):
     capture = io.StringIO()
     from contextlib import redirect_stdout
 
-    with redirect_stdout(capture):
+    with redirect_stdout(capture), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(out / "torch"))  # the digest cache: before the tests' own (conftest.py)
         code = main(["compare", "--weights", str(weights), "--no-progress", "--device", "cpu", "--batch-size", "4",
                      "--bootstrap", "500", str(corpus / "HR"), *methods(corpus), "--json", str(out / "c.json"),
                      "--csv", str(out / "c.csv"), "--html", str(out / "report")])
@@ -253,6 +249,9 @@ def test_missing_images_and_sets_are_one_error_line_or_left_out(weights, corpus,
                     f"{root / 'ESRGAN' / 'Urban'} (set Urban missing for method ESRGAN)"):
         assert culprit in err
     assert "--skip-unpaired" in err
+    (root / "ESRGAN" / "Urban").mkdir()
+    code, out, err = compare(capsys, weights, root / "HR", *methods(root))
+    assert code == 2 and f"{root / 'ESRGAN' / 'Urban'} (set Urban without images for method ESRGAN)" in err
 
     monkeypatch.setattr(score_module, "load_afine", load)
     code, out, err = compare(capsys, weights, root / "HR", *methods(root), "--skip-unpaired", "--json",

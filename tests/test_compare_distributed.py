@@ -13,11 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.test_score_distributed import ENV, ROOT, TORCHRUN
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,8 @@ def compare(launcher: list[str], root: Path, weights: Path, out: str) -> subproc
     args = [*launcher, "-m", "afine", "compare", "--no-progress", "--device", "cpu", "--weights", str(weights),
             "--batch-size", "2", str(root / "HR"), *(str(root / m) for m in "abc"), "--json", str(root / f"{out}.json"),
             "--csv", str(root / f"{out}.csv"), "--html", str(root / out)]
-    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env = {**ENV, "TORCH_HOME": str(root / "torch")}  # the digest cache of the weights: the test's own
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=240)

@@ -56,9 +56,11 @@ def report(tmp_path_factory):
             for folder, image in zip(["HR", "m0", "m1", "m2"], [base, *outputs]):
                 (root / folder / test_set).mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / folder / test_set / name)
-    code = main(["compare", "--weights", str(weights), "--no-progress", "--device", "cpu", "--bootstrap", "100",
-                 str(root / "HR"), str(root / "m0"), f"{METHOD}={root / 'm1'}", str(root / "m2"),
-                 "--html", str(root / "made"), "--json", str(root / "c.json")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(root / "torch"))  # the digest cache: before the tests' own (conftest.py)
+        code = main(["compare", "--weights", str(weights), "--no-progress", "--device", "cpu", "--bootstrap", "100",
+                     str(root / "HR"), str(root / "m0"), f"{METHOD}={root / 'm1'}", str(root / "m2"),
+                     "--html", str(root / "made"), "--json", str(root / "c.json")])
     assert code == 0
     (root / "moved").mkdir()
     shutil.move(root / "made", root / "moved" / "report")
