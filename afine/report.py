@@ -11,7 +11,7 @@ and & written as \\u003c, \\u003e, \\u0026, so nothing in it can end the element
 textContent only. Thumbnails are named by position, never after a file.
 
 The page's state is its address: `#set=1&sort=m2&order=desc`, `#sort=spread`, `#sort=disagree&a=0&b=2` (sets and
-methods by position), so a view can be bookmarked or shared, and a test can open one.
+methods by position; `&grid` scrolls to the images), so a view can be bookmarked or shared, and a test can open one.
 """
 
 from __future__ import annotations
@@ -253,8 +253,8 @@ th {{ background: #f0f0f0; font-weight: 600; }}
 .pairwise td.diagonal {{ background: #f4f4f4; text-align: center; }}
 .controls {{ position: sticky; top: 0; z-index: 1; background: #fafafa; padding: 10px 0; border-bottom: 1px solid #ddd;
   display: flex; flex-wrap: wrap; gap: 14px; align-items: center; }}
-#grid td {{ text-align: center; width: 190px; }}
-#grid img {{ width: 180px; height: auto; display: block; margin: 0 auto; image-rendering: auto; }}
+#grid td {{ text-align: center; width: 168px; }}
+#grid img {{ width: 160px; height: auto; display: block; margin: 0 auto; }}
 #grid .name {{ font-family: ui-monospace, monospace; font-size: 12px; word-break: break-all; }}
 #grid .set {{ color: #777; font-size: 12px; }}
 #grid .score {{ font-size: 15px; font-variant-numeric: tabular-nums; margin-top: 4px; }}
@@ -275,7 +275,7 @@ dd {{ margin: 0; text-align: right; font-variant-numeric: tabular-nums; }}
 better than its reference's, the case A-FINE was built for (D = F + λ N, λ = exp(k (N(ref) − N))).</p>
 <p class="provenance">{provenance}</p>
 {sections}
-<h2>Images</h2>
+<h2 id="images">Images</h2>
 <div class="controls">
 <label>set <select id="set">{set_choices}</select></label>
 <label>sort by <select id="sort">{sort_choices}</select></label>
@@ -365,4 +365,5 @@ control("jump").addEventListener("click", () => {
 });
 window.addEventListener("hashchange", apply);
 apply();
+if (new URLSearchParams(location.hash.slice(1)).has("grid")) control("images").scrollIntoView();
 """

@@ -1,16 +1,21 @@
 """A headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: it reads commands on
 file descriptor 3 and answers on 4, NUL-terminated JSON), with the standard library only: open a page, see every
-request it makes, run a script in it. Every wait is bounded; the browser runs in a session of its own, with a
-profile folder of its own, and closing it kills its whole process group."""
+request it makes, run a script in it, take a screenshot. Every wait is bounded; the browser runs in a session of
+its own, with a profile folder of its own, and closing it kills its whole process group.
+
+    python -m tests.browser URL OUT.png [ELEMENT_ID]   # a 1200x900 screenshot, scrolled to the element if given
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import select
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -94,6 +99,17 @@ class Browser:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
+    def screenshot(self, url: str, out: str, element: str | None = None, size: tuple[int, int] = (1200, 900)) -> None:
+        """A PNG of the page's window at `size`, scrolled to the element of id `element` if given."""
+        self.call("Emulation.setDeviceMetricsOverride", {"width": size[0], "height": size[1], "deviceScaleFactor": 1,
+                                                         "mobile": False}, session=True)
+        self.open(url)
+        if element:
+            self.evaluate(f"document.getElementById({json.dumps(element)}).scrollIntoView()")
+        shot = self.call("Page.captureScreenshot", {"format": "png"}, session=True)
+        with open(out, "wb") as f:
+            f.write(base64.b64decode(shot["data"]))
+
     def requests(self) -> list[str]:
         """The URLs the page asked for since it was opened."""
         return [e["params"]["request"]["url"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
@@ -124,3 +140,11 @@ class Browser:
             return True
         except (ProcessLookupError, PermissionError):
             return False
+
+
+if __name__ == "__main__":
+    browser = Browser(find_chromium() or sys.exit("error: chromium is not installed"))
+    try:
+        browser.screenshot(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+    finally:
+        browser.close()

@@ -94,7 +94,7 @@ PAGE = """JSON.stringify({
   images: Array.from(document.images).map((i) => i.complete && i.naturalWidth > 0),
   links: Array.from(document.querySelectorAll('#grid a')).map((a) => a.href),
   scripts: document.scripts.length, title: document.title, hash: location.hash,
-  jumped: document.getElementById('jumped').textContent,
+  jumped: document.getElementById('jumped').textContent, scrolled: window.scrollY,
   hooked: document.querySelectorAll('img[src="x"]').length,
 })"""
 
@@ -115,9 +115,10 @@ def view(browser: Browser, folder: Path, state: str) -> dict:
 def test_the_page_shows_rows_sorted_with_best_marks_and_badges(browser, report):
     folder, summary = report
     data = rows(summary)
-    page = view(browser, folder, "#sort=m1")
+    page = view(browser, folder, "#sort=m1&grid")
     expected = sorted(range(len(data)), key=lambda i: (data[i]["scores"][1], data[i]["name"]))
     assert page["rows"] == expected and not any(page["hidden"])
+    assert page["scrolled"] > 0  # "grid": the images, not the tables, in view
     assert page["best"] == [[s == min(data[i]["scores"]) for s in data[i]["scores"]] for i in expected]
     assert page["badges"] == [data[i]["natural"] for i in expected]
     assert any(any(b) for b in page["badges"]) and not all(all(b) for b in page["badges"])
