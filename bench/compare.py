@@ -3,7 +3,7 @@ from process start to exit, on a random full-size ViT-B/32 A-FINE (no download).
 
     python bench/compare.py                          # 4 methods, 50 references of 512x384 (fp32): ~10 min on 2 cores
     python bench/compare.py --images 8 --methods 2   # a quick look
-    python bench/compare.py --repeat 3               # medians of three rounds, the commands alternating
+    python bench/compare.py --repeat 2               # two rounds, the commands' order alternating; medians
 
 `afine compare` encodes each reference once with all its outputs (N + 1 CLIP passes per reference for N methods,
 against 2N for N score runs) and loads the model once (against N times). The images are the synthetic corpus's
@@ -96,9 +96,12 @@ def main() -> None:
         common = ["--weights", str(weights), "--no-progress", "--device", args.device, "--precision", args.precision]
         methods = [str(folder / f"m{j}") for j in range(args.methods)]
         compare_s, score_s = [], []
-        for r in range(args.repeat):
-            compare_s.append(timed(["compare", *common, "--bootstrap", "2000", str(folder / "ref"), *methods]))
-            score_s.append(sum(timed(["score", *common, m, str(folder / "ref")]) for m in methods))
+        for r in range(args.repeat):  # the order alternates, so that a change in the machine's load favours neither
+            for kind in ("compare", "score") if r % 2 == 0 else ("score", "compare"):
+                if kind == "compare":
+                    compare_s.append(timed(["compare", *common, "--bootstrap", "2000", str(folder / "ref"), *methods]))
+                else:
+                    score_s.append(sum(timed(["score", *common, m, str(folder / "ref")]) for m in methods))
             print(f"round {r + 1}: afine compare {compare_s[-1]:.1f} s, {args.methods} afine score runs "
                   f"{score_s[-1]:.1f} s, ratio {score_s[-1] / compare_s[-1]:.2f}x (load {os.getloadavg()[0]:.1f})",
                   flush=True)
