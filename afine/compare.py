@@ -286,7 +286,7 @@ def write_outputs(args: argparse.Namespace, methods: list[Method], sets: list[Te
     summary = summarise(methods, sets, multi, results, k, args.term, args.bootstrap, facts, args.reference)
     print(format_table(summary, args.format), end="")
     if args.html:
-        report.write(Path(args.html), summary, sets, methods, progress=not args.no_progress)
+        report.write(Path(args.html), summary, sets, progress=not args.no_progress)
     if args.json:
         write_json(args.json, summary)
     if args.csv:

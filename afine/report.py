@@ -68,7 +68,7 @@ def save_thumbnail(source: Path, target: Path) -> None:
     image.save(target, quality=88)
 
 
-def write(path: Path, summary: dict, sets: list, methods: list, progress: bool = True) -> None:
+def write(path: Path, summary: dict, sets: list, progress: bool = True) -> None:
     """The report folder: built beside `path`, then renamed into place (an earlier report is replaced only once
     the new one is complete)."""
     earlier = (path / MARKER).is_file()
@@ -86,7 +86,7 @@ def write(path: Path, summary: dict, sets: list, methods: list, progress: bool =
                                                               disable=not progress, file=sys.stderr) as bar:
             for _ in pool.map(lambda job: save_thumbnail(job[0], tmp / job[1]), jobs):
                 bar.update()
-        (tmp / "index.html").write_text(page(summary, sets, methods), encoding="utf-8")
+        (tmp / "index.html").write_text(page(summary, sets), encoding="utf-8")
         (tmp / MARKER).write_text("written by afine compare --html; the next run may replace this folder\n")
     if earlier:
         aside = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -199,7 +199,7 @@ def options(values: list[tuple[str, str]]) -> str:
     return "".join(f'<option value="{text(v)}">{text(label)}</option>' for v, label in values)
 
 
-def page(summary: dict, sets: list, methods: list) -> str:
+def page(summary: dict, sets: list) -> str:
     """index.html: the summary and pairwise tables per set, then the grid with its controls."""
     term, facts = summary["term"], summary["produced_by"]
     weights = ", ".join(f"{w['file']} (SHA-256 {w['sha256']})" for w in facts["weights"])

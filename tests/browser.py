@@ -3,7 +3,7 @@ file descriptor 3 and answers on 4, NUL-terminated JSON), with the standard libr
 request it makes, run a script in it, take a screenshot. Every wait is bounded; the browser runs in a session of
 its own, with a profile folder of its own, and closing it kills its whole process group.
 
-    python -m tests.browser URL OUT.png [ELEMENT_ID]   # a 1200x900 screenshot, scrolled to the element if given
+    python -m tests.browser URL OUT.png [ELEMENT_ID]   # a 1200x900 screenshot (.png or .jpg), scrolled to the element
 """
 
 from __future__ import annotations
@@ -100,13 +100,16 @@ class Browser:
         return result["result"].get("value")
 
     def screenshot(self, url: str, out: str, element: str | None = None, size: tuple[int, int] = (1200, 900)) -> None:
-        """A PNG of the page's window at `size`, scrolled to the element of id `element` if given."""
+        """A PNG (or JPEG, by the suffix of `out`) of the page's window at `size`, scrolled to the element of id
+        `element` if given."""
         self.call("Emulation.setDeviceMetricsOverride", {"width": size[0], "height": size[1], "deviceScaleFactor": 1,
                                                          "mobile": False}, session=True)
         self.open(url)
         if element:
             self.evaluate(f"document.getElementById({json.dumps(element)}).scrollIntoView()")
-        shot = self.call("Page.captureScreenshot", {"format": "png"}, session=True)
+        jpeg = out.lower().endswith((".jpg", ".jpeg"))
+        shot = self.call("Page.captureScreenshot", {"format": "jpeg", "quality": 85} if jpeg else {"format": "png"},
+                         session=True)
         with open(out, "wb") as f:
             f.write(base64.b64decode(shot["data"]))
 
