@@ -35,7 +35,7 @@ from .model import TERMS
 
 DESCRIPTION = ("Compare methods: score every METHOD folder against the references in REF (paired by file name, as "
                "`afine score` pairs folders; when REF holds only subfolders, each is a test set that every METHOD "
-               "must hold too), then print a summary table (mean, 95%% bootstrap interval, mean of every term, "
+               "must hold too), then print a summary table (mean, 95% bootstrap interval, mean of every term, "
                "rank; lower is better), and write per-image JSON and CSV files and a visual HTML report if asked "
                "(docs/compare.md).")
 FORMATS = ("markdown", "latex", "csv")
