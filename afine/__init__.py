@@ -4,6 +4,8 @@ import importlib
 
 from .errors import AfineError
 
+__version__ = "0.1.0"  # the one place it is written (pyproject.toml reads it)
+
 __all__ = ["AFINE", "AFINELoss", "AfineError", "TERMS", "load_afine", "load_image"]
 # AFINEMetric needs the optional torchmetrics, so it is not in __all__ (`from afine import *` works without it)
 _FROM = {"AFINE": "model", "AFINELoss": "afine_loss", "AFINEMetric": "metric", "TERMS": "model", "load_afine": "model",

@@ -23,10 +23,10 @@ import os
 import stat
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -41,6 +41,8 @@ from .evaluation import close_distributed, pick_device, world
 from .folders import image_pairs, listing
 from .image import image_size, load_image
 from .model import AFINE, PRECISIONS, TERMS, check_weights, load_afine
+
+T = TypeVar("T")
 
 
 def read_pairs(file: str | Path) -> list[tuple[Path, Path]]:
@@ -195,14 +197,13 @@ def decoded_batches(pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]]
 
 
 @torch.inference_mode()
-def score_share(model: AFINE, pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], batch_size: int,
-                device: torch.device, precision: str, workers: int, progress: bool, rank: int = 0,
-                size: int = 1) -> tuple[dict[int, list[float]], dict[int, str]]:
-    """The five terms of process `rank`'s share of the pairs (batches rank, rank + size, ... of the plan), by
-    pair index, and the pairs of that share left unscored (load_batch), with why; the progress bar counts pairs."""
-    batches = plan_batches(pairs, sizes, batch_size)[rank::size]
+def score_batches(model: AFINE, pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]],
+                  batches: list[list[int]], device: torch.device, precision: str, workers: int, progress: bool,
+                  unit: str = "pair") -> tuple[dict[int, list[float]], dict[int, str]]:
+    """The five terms of the pairs in `batches` (lists of pair indices, one image size each), by pair index, and
+    the pairs of those batches left unscored (load_batch), with why; the progress bar counts pairs, as `unit`s."""
     results, unscored = {}, {}
-    with tqdm(total=sum(map(len, batches)), desc="scoring", unit="pair", disable=not progress,
+    with tqdm(total=sum(map(len, batches)), desc="scoring", unit=unit, disable=not progress,
               file=sys.stderr) as bar:
         for batch in decoded_batches(pairs, sizes, batches, workers, pin=device.type == "cuda"):
             unscored.update(batch.unscored)
@@ -226,11 +227,22 @@ def score_pairs(model: AFINE, pairs: list[tuple[Path, Path]], batch_size: int = 
     Under torchrun (afine.evaluation.init_distributed) process r of R scores batches r, r + R, ... of the plan
     and every process gets every result: the batches, and so the values, are those of one process.
     """
+    sizes = check_pairs(pairs) if sizes is None else sizes
+    return score_planned(model, pairs, sizes, plan_batches(pairs, sizes, batch_size), device, progress, precision,
+                         workers)
+
+
+def score_planned(model: AFINE, pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]],
+                  batches: list[list[int]], device: str | torch.device = "cpu", progress: bool = True,
+                  precision: str = "fp32", workers: int = 2, unit: str = "pair"
+                  ) -> tuple[dict[int, dict[str, float]], dict[int, str]]:
+    """score_pairs in the given batches (lists of pair indices, one image size each): the five terms of every pair
+    scored, by pair index, and the pairs left unscored, with why. Under torchrun process r of R scores batches
+    r, r + R, ... and every process gets every result."""
     rank, size = world()
     d = distributed.Dist(rank=rank, world_size=size)
-    sizes = check_pairs(pairs) if sizes is None else sizes
-    mine = distributed.agree(d, score_share, model, pairs, sizes, batch_size, torch.device(device), precision,
-                             workers, progress and rank == 0, rank, size)
+    mine = distributed.agree(d, score_batches, model, pairs, sizes, batches[rank::size], torch.device(device),
+                             precision, workers, progress and rank == 0, unit)
     parts = distributed.gather_objects(d, mine)
     values = {i: row for part, _ in parts for i, row in part.items()}
     unscored = {i: why for _, part in parts for i, why in part.items()}
@@ -285,6 +297,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "output, the table then going to stderr)")
     parser.add_argument("--pairs", help="file of 'dis,ref' lines (paths relative to the file's folder; '-': standard "
                         "input, paths relative to the working folder)")
+    add_model_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="one JSON object per pair per line")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the model and how it runs, shared with `afine compare`."""
     parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file), for weights "
                         "without a fine-tuned CLIP")
     parser.add_argument("--weights", help="A-FINE weights: afine.pth or a folder of net_*.pth files (default: the "
@@ -301,31 +319,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int,
                         help="threads decoding the next batches while CLIP runs, one batch each (default: 2 on a CPU, "
                              "up to 8 with CUDA; 0: none)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per pair per line")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Score and print. Under torchrun only rank 0 prints and writes; an error any rank meets is raised on every
-    rank (afine.distributed.agree): rank 0 reports it, and the others exit with the same code once it has, since
-    torchrun stops every process as soon as one exits."""
-    device = pick_device(args.device)
+    """Score and print; under torchrun only rank 0 prints and writes (run_ranks). Pairs left unscored (an image
+    changed during the run) are reported after the others' scores, never instead of them (left_out)."""
+
+    def work(d: distributed.Dist) -> tuple[list[tuple[Path, Path]], list[dict[str, float]], dict[int, str]]:
+        pairs, sizes, model = distributed.agree(d, prepare, args, d.device)
+        scores, unscored = score_pairs(model, pairs, args.batch_size, d.device, progress=not args.no_progress,
+                                       precision=args.precision, sizes=sizes,
+                                       workers=default_workers(d.device) if args.workers is None else args.workers)
+        if not scores:
+            raise AfineError(f"no pair scored: {listing(list(unscored.values()))}")
+        pairs, results = [pairs[i] for i in scores], list(scores.values())
+        check_finite(pairs, results)
+        return pairs, results, unscored
+
+    return run_ranks(args.device, work, lambda done: write_results(args, *done[:2]),
+                     lambda d, done: left_out(args, done[2], len(done[1]), d) if done[2] else 0)
+
+
+def run_ranks(device: str, work: Callable[[distributed.Dist], T], write: Callable[[T], None],
+              after: Callable[[distributed.Dist, T], int] | None = None) -> int:
+    """`work(d)` on every process (d: its rank and device), then `write(result)` on rank 0 alone, then
+    `after(d, result)` on every process for the exit code; the other ranks print nothing. An error any rank meets
+    is raised on every rank (afine.distributed.agree, which `work` uses around its steps): rank 0 reports it, and
+    the others exit with the same code once it has, since torchrun stops every process as soon as one exits."""
+    device = pick_device(device)
     rank, size = world()
     d = distributed.Dist(rank=rank, world_size=size, device=device)
     try:
         with silenced(rank != 0):
             try:
-                pairs, sizes, model = distributed.agree(d, prepare, args, device)
-                scores, unscored = score_pairs(model, pairs, args.batch_size, device, progress=not args.no_progress,
-                                               precision=args.precision, sizes=sizes,
-                                               workers=default_workers(device) if args.workers is None
-                                               else args.workers)
-                if not scores:
-                    raise AfineError(f"no pair scored: {listing(list(unscored.values()))}")
-                pairs, results = [pairs[i] for i in scores], list(scores.values())
-                check_finite(pairs, results)
+                result = work(d)
             except AfineError as e:
                 if size == 1:
                     raise
@@ -334,12 +364,10 @@ def run(args: argparse.Namespace) -> int:
                 distributed.barrier(d)
                 return 2
         if rank == 0:
-            write_results(args, pairs, results)
-        if unscored:  # after the scores of the others, never instead of them
-            return left_out(args, unscored, len(results), d)
+            write(result)
+        return after(d, result) if after is not None else 0
     finally:
         close_distributed()
-    return 0
 
 
 def left_out(args: argparse.Namespace, unscored: dict[int, str], scored: int, d: distributed.Dist) -> int:
@@ -378,18 +406,34 @@ def prepare(args: argparse.Namespace,
     else:
         raise AfineError("give DIS REF (images, or folders paired by name) or --pairs FILE")
     if args.csv:  # before the work, not after it; never over an image, the pairs file or the weights
-        inputs = [p for pair in pairs for p in pair] + [Path(f) for f in (args.pairs, args.clip) if f]
-        check_writable(args.csv, inputs + weight_files(args.weights if args.weights is not None else released_path()),
-                       CSV)
+        inputs = [p for pair in pairs for p in pair] + ([Path(args.pairs)] if args.pairs else [])
+        check_writable(args.csv, inputs + model_files(args), CSV)
+    check_numbers(args)
+    sizes = check_pairs(pairs)  # fail on a bad image before loading (or downloading) a large model
+    return pairs, sizes, load_model(args, device)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """One error line for a batch size or a number of workers that cannot be."""
     if args.batch_size < 1:
         raise AfineError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise AfineError(f"--workers must be 0 or more, got {args.workers}")
-    sizes = check_pairs(pairs)  # fail on a bad image before loading (or downloading) a large model
+
+
+def model_files(args: argparse.Namespace) -> list[Path]:
+    """The files loading the model reads: the weights (those given, or the released file) and the CLIP."""
+    weights = args.weights if args.weights is not None else released_path()
+    return weight_files(weights) + ([Path(args.clip)] if args.clip else [])
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> AFINE:
+    """The model the options name, on `device` (compiled with --compile): the released weights are downloaded on
+    first use."""
     weights = (args.weights if args.weights is not None
                else released_weights(args.offline, not args.no_progress, check=check_weights))
     model = load_afine(weights, clip=args.clip).to(device)
-    return pairs, sizes, compile_model(model) if args.compile else model
+    return compile_model(model) if getattr(args, "compile", False) else model
 
 
 def write_results(args: argparse.Namespace, pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
