@@ -237,8 +237,7 @@ def compute_terms(model: AFINE, items: list[Item], stage: int, cache: TermCache,
             bar.update(len(paths))
     encoded = total
     if size > 1:
-        gathered: list = [None] * size
-        dist.all_gather_object(gathered, (n_new, f_new, encoded))
+        gathered = distributed.gather_objects(distributed.Dist(rank, size), (n_new, f_new, encoded))
         n_new, f_new, encoded = {}, {}, 0
         for n_part, f_part, e in gathered:
             n_new.update(n_part)

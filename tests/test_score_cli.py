@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from afine.__main__ import main
 from afine.image import load_image, preprocess
 from afine.model import AFINE, TERMS, load_afine
 from afine.score import read_pairs
+from tests import procs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,9 +135,8 @@ def test_user_errors_one_line_exit_2_nothing_on_stdout(setup, capsys, case, culp
 
 def test_module_entry_point_exit_code(setup, tmp_path):
     paths, images = setup
-    proc = subprocess.run([sys.executable, "-m", "afine", "score", "--weights", str(paths["afine"]),
-                           str(images / "a.png"), str(tmp_path / "none.png")], capture_output=True, text=True,
-                          cwd=ROOT)
+    proc = procs.run([sys.executable, "-m", "afine", "score", "--weights", paths["afine"], images / "a.png",
+                      tmp_path / "none.png"], cwd=ROOT)
     assert proc.returncode == 2 and proc.stdout == "" and "none.png" in proc.stderr
 
 

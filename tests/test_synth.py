@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -17,6 +16,7 @@ from afine import synth
 from afine.datasets import ImageIndex, TripletDataset, diffiqa_type_file, sriqa_pairs, triplet_file
 from afine.image import image_size, load_image
 from afine.labels import SPLITS, read_mos, read_sriqa_mos, read_triplets
+from tests import procs
 
 TRADITIONAL = {  # name -> (reference pattern, distorted pattern, suffix, file signature, MOS range, columns)
     "KADID10K": (r"I\d\d", r"I\d\d_\d\d_\d\d", ".png", b"\x89PNG", (1.0, 5.0), 4),
@@ -87,8 +87,7 @@ def test_bad_arguments_one_line_error(argv, message, tmp_path, capsys):
 
 def test_existing_corpus_is_not_overwritten(corpus):
     before = digests(corpus / "PIPAL")
-    result = subprocess.run([sys.executable, "-m", "afine.synth", "--out", str(corpus)],
-                            capture_output=True, text=True)
+    result = procs.run([sys.executable, "-m", "afine.synth", "--out", corpus])
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "already exists" in result.stderr

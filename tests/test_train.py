@@ -31,6 +31,7 @@ from afine.labels import MOSRecord, nlogn_triplets, write_triplets
 from afine.metrics import two_afc_accuracy
 from afine.model import load_afine
 from afine.training import check_state_file, lock_folder, read_log, state_files
+from tests import procs
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -567,8 +568,8 @@ def test_sigkill_mid_training_then_resume_ends_bitwise_like_an_uninterrupted_run
     argv = args(square, tmp_path / "b", clip="random-tiny", **{"lr.clip": 1e-3, "lr.natural": 1e-3}, **over)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     code = "import sys, torch; torch.set_num_threads(1); import train_stage1; sys.exit(train_stage1.main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = procs.start([sys.executable, "-c", code, *argv], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "b" / "state" / "step_00000004.json").is_file():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its fourth step was saved"
@@ -601,7 +602,7 @@ time.sleep(120)
 def test_the_run_lock_names_its_holder_and_dies_with_it_not_with_its_children(square, tmp_path, capsys):
     out = tmp_path / "s1"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    holder = procs.start([sys.executable, "-c", HOLD_LOCK, str(out)], env=env, stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
     try:
         assert train_stage1.main(args(square, out, clip="random-tiny")) == 2
