@@ -60,8 +60,6 @@ assert loss.abs().max() < 1e-3, loss
 CHECK = """
 import importlib, json, sys
 import torch
-
-from tests import procs
 names, folders, exercises = json.loads(sys.argv[1])
 sys.modules["afine"] = None  # the project must not be reachable, even if installed
 results = {}
