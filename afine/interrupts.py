@@ -131,7 +131,8 @@ class _WorkerStart:
         if sys.platform.startswith("linux"):
             import ctypes
 
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            with contextlib.suppress(AttributeError, OSError):  # (a C library without prctl: no such death)
+                ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
             if self.parent is not None and os.getppid() != self.parent:  # it ended before prctl
                 os._exit(0)
         if self.then is not None:
