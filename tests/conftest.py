@@ -20,6 +20,17 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """The small synthetic corpus (seed 0), generated once for the whole run: a module copies it
+    (shutil.copytree) rather than generating it again, and no test writes into it."""
+    from afine import synth
+
+    root = tmp_path_factory.mktemp("small_corpus")
+    synth.generate(root, seed=0, scale="small", progress=False)
+    return root
+
+
 @pytest.fixture(autouse=True)
 def no_released_weights(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))

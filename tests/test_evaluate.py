@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +22,6 @@ from afine.evaluation import STAGE_PARTS, TermCache, compute_terms, item_scores,
 from afine.image import load_image
 from afine.metrics import two_afc_accuracy
 from afine.model import AFINE, load_afine
-from afine.synth import generate
 from evaluate import main
 from tests import procs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
@@ -176,9 +176,9 @@ def test_named_missing_benchmark_and_unknown_name_are_errors(hand, capsys):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, small_corpus):
     root = tmp_path_factory.mktemp("synth")
-    generate(root / "data", seed=0, scale="small", progress=False)
+    shutil.copytree(small_corpus, root / "data")  # synth.generate(seed=0, scale="small"), made once a run
     paths = write_checkpoints(root / "ckpt", random_afine(tiny_clip(seed=4), seed=5))
     return root / "data", paths
 
@@ -275,12 +275,13 @@ def test_precision_reaches_clip_and_fp32_is_the_default(corpus, capsys, tmp_path
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and "--precision" in err
 
 
-def test_torchrun_two_ranks_equals_one_process(corpus, tmp_path):
+def test_torchrun_two_ranks_equals_one_process(corpus, tmp_path, capsys):
     data, paths = corpus
     args = ["evaluate.py", "--bench", "kadid10k,diffiqa-psy,sriqa-reg", "--data-root", str(data), "--weights",
             str(paths["afine"]), "--no-progress", "--workers", "0", "--batch-size", "6", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = procs.run([sys.executable, *args, "--json", tmp_path / "one.json"], cwd=ROOT, env=env)
+    code = main([*args[1:], "--json", str(tmp_path / "one.json")])  # one process: this one
+    one = subprocess.CompletedProcess(args, code, *capsys.readouterr())
     assert one.returncode == 0, one.stderr
     two = procs.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
                      "--json", tmp_path / "two.json"], cwd=ROOT, env=env)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from afine.__main__ import main
 from afine.score import check_pairs, plan_batches
 from tests import procs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
@@ -66,10 +67,17 @@ def score(launcher: list[str], *args, env: dict | None = None) -> subprocess.Com
                      env=env or ENV)
 
 
-def test_two_processes_print_and_write_the_bytes_of_one_each_scoring_its_share(folders, tmp_path):
+def score_here(capsys, *args) -> subprocess.CompletedProcess:
+    """`afine score` in this process (one process, as without torchrun)."""
+    capsys.readouterr()
+    code = main(["score", "--no-progress", "--device", "cpu", *map(str, args)])
+    return subprocess.CompletedProcess(args, code, *capsys.readouterr())
+
+
+def test_two_processes_print_and_write_the_bytes_of_one_each_scoring_its_share(folders, tmp_path, capsys):
     root, weights = folders
     args = ["--weights", weights, root / "dis", root / "ref", "--batch-size", "2"]
-    one = score([sys.executable], *args, "--csv", root / "one.csv")
+    one = score_here(capsys, *args, "--csv", root / "one.csv")
     (tmp_path / "spy.py").write_text(SPY)
     two = procs.run([*TORCHRUN, tmp_path / "spy.py", "score", "--no-progress", "--device", "cpu", *args, "--csv",
                      root / "two.csv"], cwd=ROOT, env={**ENV, "SPY_DIR": str(tmp_path)})
@@ -84,7 +92,7 @@ def test_two_processes_print_and_write_the_bytes_of_one_each_scoring_its_share(f
     assert sum(shares) == 8 and min(shares) > 0, shares  # each pair scored once, on one of the two processes
 
 
-def test_a_bad_image_in_the_second_rank_is_one_error_line_and_no_hang(folders, tmp_path):
+def test_a_bad_image_in_the_second_rank_is_one_error_line_and_no_hang(folders, tmp_path, capsys):
     root, weights = folders
     bad = tmp_path / "bad.png"
     data = (root / "dis" / "1.png").read_bytes()
@@ -94,7 +102,7 @@ def test_a_bad_image_in_the_second_rank_is_one_error_line_and_no_hang(folders, t
     (tmp_path / "pairs.txt").write_text("".join(f"{d},{r}\n" for d, r in pairs))
     second_rank = [i for batch in plan_batches(pairs, check_pairs(pairs), 1)[1::2] for i in batch]
     assert 0 in second_rank  # the bad image is decoded by rank 1 only
-    one = score([sys.executable], "--weights", weights, "--pairs", tmp_path / "pairs.txt", "--batch-size", "1")
+    one = score_here(capsys, "--weights", weights, "--pairs", tmp_path / "pairs.txt", "--batch-size", "1")
     two = score(TORCHRUN, "--weights", weights, "--pairs", tmp_path / "pairs.txt", "--batch-size", "1")
     assert one.returncode == 2 and one.stdout == ""
     assert [line for line in one.stderr.splitlines() if line.startswith("error:")] == one.stderr.splitlines()
