@@ -7,12 +7,18 @@
 NCCL on GPU, Gloo on CPU. Without torchrun's variables the run is a single process and every
 collective here is a no-op. Rank 0 logs and writes; out_dir must be a folder every node can read
 (a shared file system) for resuming.
+
+A process waits for the others in a collective at most AFINE_DIST_TIMEOUT seconds (default: torch's, 30 minutes
+on Gloo); past that, one that stopped or hangs is an error line, not a traceback (the tests set a short wait,
+so that a hang ends in seconds).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +56,37 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+TIMEOUT = "AFINE_DIST_TIMEOUT"  # seconds a process waits for the others in a collective
+
+
+def timeout() -> datetime.timedelta | None:
+    """The wait AFINE_DIST_TIMEOUT asks for (None: torch's default)."""
+    text = os.environ.get(TIMEOUT, "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise AfineError(f"{TIMEOUT}={text!r}: expected a number of seconds above 0")
+    return datetime.timedelta(seconds=seconds)
+
+
+@contextlib.contextmanager
+def waiting(what: str) -> Iterator[None]:
+    """Around a collective: its time-out (a process stopped or hangs) becomes one AfineError line."""
+    try:
+        yield
+    except RuntimeError as e:  # Gloo: "Timed out waiting 30000ms for recv operation to complete"; the store alike
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        wait = timeout()
+        waited = f"{wait.total_seconds():g} s" if wait else "torch's time-out"
+        raise AfineError(f"waited {waited} for the other processes {what}: one of them stopped or hangs (set the "
+                         f"wait with {TIMEOUT}=SECONDS)") from None
+
+
 def setup(device: str = "auto") -> Dist:
     """Join torchrun's process group if its variables are set (WORLD_SIZE > 1), else a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -59,8 +96,10 @@ def setup(device: str = "auto") -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://",
-                                rank=rank, world_size=world)
+        wait = timeout()
+        with waiting("to join the process group"):
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://",
+                                    rank=rank, world_size=world, **({"timeout": wait} if wait else {}))
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
@@ -72,7 +111,8 @@ def close(d: Dist) -> None:
 def all_reduce_sum(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (no-op for one process)."""
     if d.active:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with waiting("in a sum over processes"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -81,7 +121,8 @@ def broadcast_object(d: Dist, obj):
     if not d.active:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with waiting("in a broadcast from rank 0"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -90,7 +131,8 @@ def gather_objects(d: Dist, obj) -> list:
     if not d.active:
         return [obj]
     out = [None] * d.world_size
-    dist.all_gather_object(out, obj)
+    with waiting("in a gathering of results"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -114,11 +156,13 @@ def broadcast_parameters(d: Dist, params: list[torch.Tensor]) -> None:
     if not d.active or not params:
         return
     flat = torch.cat([p.detach().reshape(-1) for p in params])
-    dist.broadcast(flat, src=0)
+    with waiting("in a broadcast from rank 0"):
+        dist.broadcast(flat, src=0)
     for p, chunk in zip(params, flat.split([p.numel() for p in params])):
         p.data.copy_(chunk.view_as(p))
 
 
 def barrier(d: Dist) -> None:
     if d.active:
-        dist.barrier()
+        with waiting("at a barrier"):
+            dist.barrier()

@@ -236,8 +236,7 @@ def compute_terms(model: AFINE, items: list[Item], stage: int, cache: TermCache,
         n_new, f_new, error = {}, {}, str(e)
     encoded = sum(len(b) for b in work.batches)
     if size > 1:
-        gathered: list = [None] * size
-        dist.all_gather_object(gathered, (n_new, f_new, encoded, error))
+        gathered = distributed.gather_objects(distributed.Dist(rank, size), (n_new, f_new, encoded, error))
         errors = [g[3] for g in gathered if g[3] is not None]
         if errors:
             raise AfineError(errors[0])

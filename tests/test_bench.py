@@ -3,9 +3,10 @@ that moves or is renamed would otherwise go unnoticed until someone measures."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
+
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +14,5 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_benchmark_script_imports():
     modules = sorted(f"bench.{p.stem}" for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__")
     assert len(modules) >= 7
-    proc = subprocess.run([sys.executable, "-c", f"import {', '.join(modules)}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = procs.run([sys.executable, "-c", f"import {', '.join(modules)}"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,8 +24,8 @@ from afine.evaluation import STAGE_PARTS, TermCache, compute_terms, item_scores,
 from afine.image import load_image
 from afine.metrics import two_afc_accuracy
 from afine.model import AFINE, load_afine
-from afine.synth import generate
 from evaluate import main
+from tests import procs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,9 +190,9 @@ def test_a_bad_device_is_one_error_line_before_the_benchmarks_are_read(hand, cap
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, small_corpus):
     root = tmp_path_factory.mktemp("synth")
-    generate(root / "data", seed=0, scale="small", progress=False)
+    shutil.copytree(small_corpus, root / "data")  # synth.generate(seed=0, scale="small"), made once a run
     paths = write_checkpoints(root / "ckpt", random_afine(tiny_clip(seed=4), seed=5))
     return root / "data", paths
 
@@ -288,23 +289,25 @@ def test_precision_reaches_clip_and_fp32_is_the_default(corpus, capsys, tmp_path
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and "--precision" in err
 
 
-def test_torchrun_two_ranks_equals_one_process(corpus, tmp_path):
+def test_torchrun_two_ranks_equals_one_process(corpus, tmp_path, capsys):
     data, paths = corpus
     args = ["evaluate.py", "--bench", "kadid10k,diffiqa-psy,sriqa-reg", "--data-root", str(data), "--weights",
             str(paths["afine"]), "--no-progress", "--workers", "0", "--batch-size", "6", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *args, "--json", str(tmp_path / "one.json")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    code = main([*args[1:], "--json", str(tmp_path / "one.json")])  # one process: this one
+    one = subprocess.CompletedProcess(args, code, *capsys.readouterr())
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29731", *args, "--json", str(tmp_path / "two.json")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    two = procs.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
+                     "--json", tmp_path / "two.json"], cwd=ROOT, env=env)
     assert two.returncode == 0, two.stderr
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name]["correct"], a[name]["pairs"]) == (b[name]["correct"], b[name]["pairs"])
     assert two.stdout.count("kadid10k") == 1  # only rank 0 prints
+    # each image goes through CLIP once, on one of the ranks: as many passes, summed over ranks, as one process
+    passes = [re.findall(r"(\d+) distinct images, (\d+) CLIP passes", run.stderr) for run in (one, two)]
+    assert passes[0] == passes[1] and len(passes[0]) == 1 and passes[0][0][0] == passes[0][0][1], passes
 
 
 def test_unwritable_json_fails_before_the_work_and_results_print_before_writing(hand, capsys, tmp_path,
@@ -459,6 +462,21 @@ def test_ctrl_c_while_loader_workers_start_is_one_line_and_exit_130(hand, tmp_pa
     code, err = ctrl_c_at_worker(script, ["--bench", "kadid10k", "--data-root", data, "--weights", run,
                                                 "--stage", "1", "--workers", "2", "--batch-size", "1",
                                                 "--no-progress"], tmp_path, again=again)
+    assert (code, err) == (130, "interrupted\n")
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.02, 0.05])
+def test_two_ctrl_c_while_loader_workers_decode_are_one_line_and_exit_130(corpus, tmp_path, gap):
+    """A terminal's Ctrl-C lands anywhere, such as in a batch's hand-over from a worker, and a second one `gap`
+    seconds later in the cleanup the first one runs: Python printed "Exception ignored in ... __del__" there, and
+    a worker a traceback of the broken hand-over. One line, exit code 130, and no process left (ctrl_c_at_batch
+    fails the test otherwise)."""
+    from tests.tiny import ctrl_c_at_batch
+
+    data, paths = corpus
+    code, err = ctrl_c_at_batch(ROOT / "evaluate.py", ["--bench", "kadid10k", "--data-root", data, "--weights",
+                                                       paths["afine"], "--workers", "2", "--batch-size", "2",
+                                                       "--no-progress"], tmp_path, batch=10, gap=gap)
     assert (code, err) == (130, "interrupted\n")
 
 

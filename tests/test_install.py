@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 
 from afine.__main__ import main
 from afine.checkpoint import save_afine
+from tests import procs
 from tests.tiny import random_afine, tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +26,12 @@ def test_pip_install_gives_the_afine_command(tmp_path, monkeypatch, capsys):
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(source)], check=True, capture_output=True)
+    built = procs.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                       "--no-index", "--target", target, source], timeout=300)
+    assert built.returncode == 0, built.stderr
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
-    found = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('afine')"
-                            ".origin)"], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    found = procs.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('afine').origin)"],
+                      env=env, cwd=tmp_path)
     assert Path(found.stdout.strip()).is_relative_to(target)  # the command below runs the installed copy
     (metadata,) = target.glob("afine-*.dist-info/METADATA")  # the licence travels with the package
     assert "License-Expression: Apache-2.0" in metadata.read_text().splitlines()
@@ -41,8 +42,7 @@ def test_pip_install_gives_the_afine_command(tmp_path, monkeypatch, capsys):
     for name in ("dis", "ref"):
         Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
     args = ["score", "--no-progress", "--json", "--weights", "afine.pth", "dis.png", "ref.png"]
-    installed = subprocess.run([str(target / "bin" / "afine"), *args], env=env, cwd=tmp_path, capture_output=True,
-                               text=True)
+    installed = procs.run([target / "bin" / "afine", *args], env=env, cwd=tmp_path)
     assert installed.returncode == 0, installed.stderr
     monkeypatch.chdir(tmp_path)
     assert main(args) == 0

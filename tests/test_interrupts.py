@@ -3,12 +3,15 @@ runs) it ends them with one line and exit code 130; importing afine or a command
 
 from __future__ import annotations
 
-import subprocess
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tests import procs
 from tests.tiny import ctrl_c_at_import
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,5 +42,43 @@ signal.signal(signal.SIGINT, mine)
 import afine, afine.__main__, afine.labels, afine.synth, evaluate, fit_gamma, train_stage1, train_stage2, train_stage3
 assert signal.getsignal(signal.SIGINT) is mine
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = procs.run([sys.executable, "-c", code], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+# A loader whose worker starts slowly (its worker_init_fn writes the file argv[1], then sleeps): the test kills
+# the main process while the worker is still starting.
+SLOW_WORKER = """
+import sys, time
+import torch
+from afine import interrupts
+
+def slow_start(worker_id):
+    open(sys.argv[1], "w").close()
+    time.sleep(3)
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return i
+
+for _ in interrupts.batches(torch.utils.data.DataLoader(Items(), num_workers=1, worker_init_fn=slow_start)):
+    pass
+"""
+
+
+def test_a_loader_worker_dies_with_the_process_that_started_it(tmp_path):
+    """A worker whose parent died as it started (SIGKILL, a crash, a Ctrl-C exit) waited for work forever:
+    torch's worker notices a dead parent only from a check that starts after worker_init_fn."""
+    started = tmp_path / "started"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = procs.start([sys.executable, "-c", SLOW_WORKER, started], env=env)
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the worker never started"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # the main process alone
+    proc.wait()
+    procs.assert_none_left(proc)

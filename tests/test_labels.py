@@ -1,7 +1,6 @@
 """Label files: round trips, validation errors (file:line), nlogn generation, PIPAL MOS, TID2013 prep, CLI."""
 
 import math
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,6 +23,7 @@ from afine.labels import (
     write_mos,
     write_triplets,
 )
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,8 +283,8 @@ def test_cli_out_dash_is_the_list_alone_on_stdout_and_another_suffix_is_refused(
 def test_cli_error_is_one_line_exit_2(tmp_path):
     (tmp_path / "MOS").mkdir()
     (tmp_path / "MOS" / "a.txt").write_text("x,r,1\ny,r,oops\n")
-    proc = subprocess.run([sys.executable, "-m", "afine.labels", "nlogn", "--mos-dir", str(tmp_path / "MOS"),
-                           "--out", str(tmp_path / "t.txt")], check=False, capture_output=True, text=True, cwd=ROOT)
+    proc = procs.run([sys.executable, "-m", "afine.labels", "nlogn", "--mos-dir", tmp_path / "MOS", "--out",
+                      tmp_path / "t.txt"], cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")

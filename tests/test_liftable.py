@@ -13,7 +13,6 @@ import ast
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from afine import fidelity, image, naturalness
+from tests import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 LIFTABLE = ("clip", "naturalness", "fidelity", "mapping", "losses")
@@ -92,8 +92,7 @@ def lifted(tmp_path_factory):
         folders.append(str(root / name))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     job = json.dumps([LIFTABLE, folders, [EXERCISE[n] for n in LIFTABLE]])
-    proc = subprocess.run([sys.executable, "-c", CHECK, job], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = procs.run([sys.executable, "-c", CHECK, job], cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from PIL import Image
 
 from afine.__main__ import main
 from afine.plots import run_curves
+from tests import procs
 from tests.test_train import square_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,6 @@ assert evaluate.main(["--bench", "kadid10k", "--data-root", "{data}", "--weights
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("matplotlib", "tensorboard")))
 """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    done = procs.run([sys.executable, "-c", code], env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"

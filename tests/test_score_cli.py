@@ -6,7 +6,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from afine.evaluation import check_device
 from afine.image import load_image, preprocess
 from afine.model import AFINE, TERMS, load_afine
 from afine.score import read_pairs
+from tests import procs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,9 +140,8 @@ def test_user_errors_one_line_exit_2_nothing_on_stdout(setup, capsys, case, culp
 
 def test_module_entry_point_exit_code(setup, tmp_path):
     paths, images = setup
-    proc = subprocess.run([sys.executable, "-m", "afine", "score", "--weights", str(paths["afine"]),
-                           str(images / "a.png"), str(tmp_path / "none.png")], capture_output=True, text=True,
-                          cwd=ROOT)
+    proc = procs.run([sys.executable, "-m", "afine", "score", "--weights", paths["afine"], images / "a.png",
+                      tmp_path / "none.png"], cwd=ROOT)
     assert proc.returncode == 2 and proc.stdout == "" and "none.png" in proc.stderr
 
 
@@ -200,10 +199,9 @@ def test_pairs_from_standard_input_or_a_pipe_are_relative_to_the_working_folder(
 
 def test_pairs_from_dev_stdin_in_a_shell_pipe(setup, tmp_path):
     paths, images = setup
-    proc = subprocess.run([sys.executable, "-m", "afine", "score", "--no-progress", "--json", "--weights",
-                           str(paths["afine"]), "--pairs", "/dev/stdin"], input="a.png,ref.png\n",
-                          capture_output=True, text=True, cwd=images, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          timeout=120)
+    proc = procs.run([sys.executable, "-m", "afine", "score", "--no-progress", "--json", "--weights",
+                      str(paths["afine"]), "--pairs", "/dev/stdin"], input="a.png,ref.png\n",
+                     cwd=images, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (json.loads(proc.stdout)["dis"], json.loads(proc.stdout)["ref"]) == ("a.png", "ref.png")
 

@@ -1,8 +1,10 @@
-"""`torchrun -m afine score`: two Gloo processes print and write exactly what one process does; an image found
-unreadable in one rank's share is one error line after the others' scores, and no hang."""
+"""`torchrun -m afine score`: two Gloo processes print and write exactly what one process does, each scoring its
+own share of the pairs, with rank 0 alone printing warnings; an image found unreadable in one rank's share is one
+error line after the others' scores, and no hang."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,22 +14,45 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from afine.__main__ import main
 from afine.score import check_pairs, plan_batches
+from tests import procs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
+# `python -m afine` that also writes, to SPY_DIR/rank<RANK>.json, the number of pairs in each batch the model
+# scored in this process
+SPY = """
+import json, os, runpy, sys
+from afine.model import AFINE
+
+scored, score = [], AFINE.score
+def counted(self, dis, *args, **kwargs):
+    scored.append(len(dis))
+    return score(self, dis, *args, **kwargs)
+AFINE.score = counted
+try:
+    sys.argv = ["afine", *sys.argv[1:]]
+    runpy.run_module("afine", run_name="__main__")
+finally:
+    with open(os.path.join(os.environ["SPY_DIR"], f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+        json.dump(scored, f)
+"""
+
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """7 pairs in two image sizes under dis/ and ref/ (paired by name), and the weights."""
+    """8 pairs under dis/ and ref/ (paired by name) in two image sizes, and one pair of tiny images (a warning
+    each), and the weights."""
     root = tmp_path_factory.mktemp("dist")
     weights = write_checkpoints(root / "ckpt", random_afine(tiny_clip(seed=5)))["afine"]
     rng = np.random.default_rng(3)
-    for i in range(7):
+    for i in range(8):
         shape = (40, 56, 3) if i % 3 else (48, 32, 3)
+        shape = (24, 40, 3) if i == 7 else shape
         base = rng.integers(0, 256, shape).astype(np.int16)
         (root / "ref").mkdir(exist_ok=True)
         (root / "dis").mkdir(exist_ok=True)
@@ -37,23 +62,37 @@ def folders(tmp_path_factory):
     return root, weights
 
 
-def score(launcher: list[str], *args) -> subprocess.CompletedProcess:
-    return subprocess.run([*launcher, "-m", "afine", "score", "--no-progress", "--device", "cpu", *map(str, args)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+def score(launcher: list[str], *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return procs.run([*launcher, "-m", "afine", "score", "--no-progress", "--device", "cpu", *args], cwd=ROOT,
+                     env=env or ENV)
 
 
-def test_two_processes_print_and_write_the_bytes_of_one(folders):
+def score_here(capsys, *args) -> subprocess.CompletedProcess:
+    """`afine score` in this process (one process, as without torchrun)."""
+    capsys.readouterr()
+    code = main(["score", "--no-progress", "--device", "cpu", *map(str, args)])
+    return subprocess.CompletedProcess(args, code, *capsys.readouterr())
+
+
+def test_two_processes_print_and_write_the_bytes_of_one_each_scoring_its_share(folders, tmp_path, capsys):
     root, weights = folders
     args = ["--weights", weights, root / "dis", root / "ref", "--batch-size", "2"]
-    one = score([sys.executable], *args, "--csv", root / "one.csv")
-    two = score(TORCHRUN, *args, "--csv", root / "two.csv")
+    one = score_here(capsys, *args, "--csv", root / "one.csv")
+    (tmp_path / "spy.py").write_text(SPY)
+    two = procs.run([*TORCHRUN, tmp_path / "spy.py", "score", "--no-progress", "--device", "cpu", *args, "--csv",
+                     root / "two.csv"], cwd=ROOT, env={**ENV, "SPY_DIR": str(tmp_path)})
     assert one.returncode == 0 and two.returncode == 0, two.stderr
-    assert len(one.stdout.splitlines()) == 1 + 7 + 1  # header, 7 pairs, mean
+    assert len(one.stdout.splitlines()) == 1 + 8 + 1  # header, 8 pairs, mean
     assert two.stdout == one.stdout
     assert (root / "two.csv").read_bytes() == (root / "one.csv").read_bytes()
+    warnings = [line for line in one.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2 and all("tiny image" in w for w in warnings)  # the 24x40 pair's two images
+    assert [line for line in two.stderr.splitlines() if "warning: " in line] == warnings  # rank 0's alone
+    shares = [sum(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
+    assert sum(shares) == 8 and min(shares) > 0, shares  # each pair scored once, on one of the two processes
 
 
-def test_a_bad_image_in_the_second_rank_is_one_error_line_and_no_hang(folders, tmp_path):
+def test_a_bad_image_in_the_second_rank_is_one_error_line_and_no_hang(folders, tmp_path, capsys):
     root, weights = folders
     bad = tmp_path / "bad.png"
     data = (root / "dis" / "1.png").read_bytes()
@@ -63,7 +102,7 @@ def test_a_bad_image_in_the_second_rank_is_one_error_line_and_no_hang(folders, t
     (tmp_path / "pairs.txt").write_text("".join(f"{d},{r}\n" for d, r in pairs))
     second_rank = [i for batch in plan_batches(pairs, check_pairs(pairs), 1)[1::2] for i in batch]
     assert 0 in second_rank  # the bad image is decoded by rank 1 only
-    one = score([sys.executable], "--weights", weights, "--pairs", tmp_path / "pairs.txt", "--batch-size", "1")
+    one = score_here(capsys, "--weights", weights, "--pairs", tmp_path / "pairs.txt", "--batch-size", "1")
     two = score(TORCHRUN, "--weights", weights, "--pairs", tmp_path / "pairs.txt", "--batch-size", "1")
     assert one.returncode == 2
     assert [line.split()[0] for line in one.stdout.splitlines()[1:-1]] == [str(d) for d, _ in pairs[1:]]

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from afine.labels import MOSRecord, nlogn_triplets, write_triplets
 from afine.metrics import two_afc_accuracy
 from afine.model import load_afine
 from afine.runfolder import check_state_file, lock_folder, read_log, state_files
+from tests import procs
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +72,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    from afine import synth
-
+def synth(tmp_path_factory, small_corpus) -> Path:
     root = tmp_path_factory.mktemp("synth")
-    synth.generate(root, seed=0, scale="small", progress=False)
+    shutil.copytree(small_corpus, root, dirs_exist_ok=True)  # synth.generate(seed=0, scale="small"), made once a run
     return root
 
 
@@ -620,8 +620,8 @@ def test_sigkill_mid_training_then_resume_ends_bitwise_like_an_uninterrupted_run
     runs = {}
     for run, program in (("b", [code]), ("c", [KILLED_IN_STEP, "6"])):
         argv = args(square, tmp_path / run, clip="random-tiny", **{"lr.clip": 1e-3, "lr.natural": 1e-3}, **over)
-        runs[run] = subprocess.Popen([sys.executable, "-c", *program, *argv], env=env, cwd=tmp_path,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        runs[run] = procs.start([sys.executable, "-c", *program, *argv], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not (tmp_path / "b" / "state" / "step_00000004.json").is_file():
@@ -666,7 +666,7 @@ time.sleep(120)
 def test_the_run_lock_names_its_holder_and_dies_with_it_not_with_its_children(square, tmp_path, capsys):
     out = tmp_path / "s1"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    holder = procs.start([sys.executable, "-c", HOLD_LOCK, str(out)], env=env, stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
     try:
         assert train_stage1.main(args(square, out, clip="random-tiny")) == 2

@@ -7,6 +7,7 @@ and schedule; `total_iter` and `val_every` shortened)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ import torch
 import train_stage1
 import train_stage2
 import train_stage3
-from afine import synth
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +28,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_demo_configs_raise_validation_accuracy(tmp_path, capsys):
+def test_demo_configs_raise_validation_accuracy(tmp_path, capsys, small_corpus):
     data = tmp_path / "data"
-    synth.generate(data, seed=0, scale="small", progress=False)
+    shutil.copytree(small_corpus, data)  # synth.generate(seed=0, scale="small"), made once a run
     runs = {stage: tmp_path / f"s{stage}" for stage in (1, 2, 3)}
     stages = ((1, train_stage1, [], 100), (2, train_stage2, [f"--stage1_dir={runs[1]}"], 50),
               (3, train_stage3, [f"--stage2_dir={runs[2]}"], 50))

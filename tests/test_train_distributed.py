@@ -4,17 +4,19 @@ one train on the same global batches and end at the same weights; validation is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import train_stage1
 from afine import config, synth
 from afine.distributed import Dist
+from tests import procs
 from tests.test_train import args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +42,27 @@ def on_two_processes(stage: int, argv: list[str], tmp_path: Path) -> list[dict[s
     runner = tmp_path / f"runner{stage}.py"
     runner.write_text(RUNNER.format(root=str(ROOT), stage=stage))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", runner, *argv]
+    proc = procs.run(cmd, env=env, cwd=tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = Path(next(a for a in argv if a.startswith("--out_dir=")).split("=", 1)[1])
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
-def test_two_processes_end_where_one_process_ends_on_the_same_global_batches(tmp_path):
-    data = tmp_path / "data"
-    synth.generate(data, seed=0, scale="small", progress=False)
+@pytest.fixture(scope="module")
+def few(tmp_path_factory, request) -> Path:
+    """The small synthetic corpus with a third of its references: the four datasets' image sizes, validation
+    lists of every kind, and a fraction of the images to decode and encode."""
+    mp = pytest.MonkeyPatch()
+    request.addfinalizer(mp.undo)
+    mp.setitem(synth.SCALES, "few", dataclasses.replace(synth.SCALES["small"], references=10, diffiqa_references=10))
+    data = tmp_path_factory.mktemp("few")
+    synth.generate(data, seed=0, scale="few", progress=False)
+    return data
+
+
+def test_two_processes_end_where_one_process_ends_on_the_same_global_batches(few, tmp_path):
+    data = few
     datasets = "DiffIQA,KADID10K,PIPAL,TID2013"
     # The runs group the triplets into other micro-batches, so their sums are taken in another order and differ
     # by float32 rounding (about 1e-7 in the weights after a step). Adam divides each gradient by its own

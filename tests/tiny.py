@@ -93,28 +93,48 @@ def write_checkpoints(folder: Path, model: AFINE) -> dict[str, Path]:
     return paths
 
 
-# A Ctrl-C to the command's whole process group (what a terminal sends) at the moment its n-th DataLoader
-# worker is forked, and with AGAIN=1 a second one as that loader shuts its workers down (after the command
-# stopped): run as `python -c CTRL_C_AT_WORKER N AGAIN script.py args...` in a session of its own.
-CTRL_C_AT_WORKER = """
-import os, runpy, signal, sys
+# A Ctrl-C to the command's whole process group (what a terminal sends) at the moment its AT-th DataLoader
+# worker is forked (WHEN=fork) or, from another thread, as it asks a loader with workers for its AT-th batch
+# (WHEN=batch); with GAP >= 0 a second one GAP seconds after the first, and with AGAIN=1 a second one as that
+# loader shuts its workers down (after the command stopped): run as
+# `python -c CTRL_C WHEN AT AGAIN GAP script.py args...` in a session of its own.
+CTRL_C = """
+import os, runpy, signal, sys, threading, time
 import torch  # before the hook: only the forks of DataLoader workers count
 from torch.utils.data import dataloader
-forks, at, again = [], int(sys.argv[1]), sys.argv[2] == "1"
+when, at, again, gap = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", float(sys.argv[4])
+seen = []
 def ctrl_c():
-    forks.append(True)
-    if len(forks) == at:
-        os.killpg(os.getpgrp(), signal.SIGINT)
-os.register_at_fork(after_in_parent=ctrl_c)
-shutdown = dataloader._MultiProcessingDataLoaderIter._shutdown_workers
+    os.killpg(os.getpgrp(), signal.SIGINT)
+def later():
+    if when == "batch":
+        ctrl_c()
+    if gap >= 0:
+        time.sleep(gap)
+        ctrl_c()
+def hit():
+    seen.append(True)
+    if len(seen) == at:
+        if when == "fork":
+            ctrl_c()
+        threading.Thread(target=later, daemon=True).start()
+Iter = dataloader._MultiProcessingDataLoaderIter
+shutdown, next_data = Iter._shutdown_workers, Iter._next_data
 def ctrl_c_again(self):
     global again
-    if again and len(forks) >= at:
+    if again and len(seen) >= at:
         again = False
-        os.killpg(os.getpgrp(), signal.SIGINT)
+        ctrl_c()
     return shutdown(self)
-dataloader._MultiProcessingDataLoaderIter._shutdown_workers = ctrl_c_again
-sys.argv = sys.argv[3:]
+def counted(self):
+    hit()
+    return next_data(self)
+Iter._shutdown_workers = ctrl_c_again
+if when == "fork":
+    os.register_at_fork(after_in_parent=hit)
+else:
+    Iter._next_data = counted
+sys.argv = sys.argv[5:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
@@ -140,16 +160,27 @@ else:
 
 
 def _run(code: str, args: list, cwd: Path) -> tuple[int, str]:
+    from tests import procs
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, timeout=300, start_new_session=True)
+    proc = procs.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                     timeout=120)
     return proc.returncode, proc.stderr
 
 
-def ctrl_c_at_worker(script: Path, args: list, cwd: Path, fork: int = 1, again: bool = False) -> tuple[int, str]:
+def ctrl_c_at_worker(script: Path, args: list, cwd: Path, fork: int = 1, again: bool = False,
+                     gap: float | None = None) -> tuple[int, str]:
     """(exit code, stderr) of `script args` hit by Ctrl-C as its `fork`-th DataLoader worker starts (and, with
-    `again`, once more as that loader's workers are shut down)."""
-    return _run(CTRL_C_AT_WORKER, [fork, int(again), script, *args], cwd)
+    `again`, once more as that loader's workers are shut down; with `gap`, once more `gap` seconds later). The
+    test fails if a process of the command outlives it (tests/procs.py)."""
+    return _run(CTRL_C, ["fork", fork, int(again), -1 if gap is None else gap, script, *args], cwd)
+
+
+def ctrl_c_at_batch(script: Path, args: list, cwd: Path, batch: int, gap: float | None = None) -> tuple[int, str]:
+    """(exit code, stderr) of `script args` hit by Ctrl-C from another thread as it asks a loader with workers for
+    its `batch`-th batch (and, with `gap`, once more `gap` seconds later): wherever the command then is, as a
+    terminal's Ctrl-C would find it. The test fails if a process of the command outlives it."""
+    return _run(CTRL_C, ["batch", batch, 0, -1 if gap is None else gap, script, *args], cwd)
 
 
 def ctrl_c_at_import(command: list, module: str, cwd: Path) -> tuple[int, str]:
