@@ -47,6 +47,7 @@ from .download import released_path, released_weights
 from .errors import AfineError
 from .image import normalize, padded_size
 from .model import AFINE, TERMS, load_afine
+from .score import add_weights_arguments
 
 SUFFIXES = (".onnx",)
 PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the exporter needs the first two; the check, onnxruntime
@@ -251,12 +252,7 @@ def export(model: AFINE, path: str | Path, opset: int | None = None) -> dict[str
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="FILE", help="the ONNX file to write (*.onnx; '-': standard output)")
-    parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file), for weights "
-                        "without a fine-tuned CLIP")
-    parser.add_argument("--weights", help="A-FINE weights: afine.pth or a folder of net_*.pth files (default: the "
-                        "released afine.pth, downloaded on first use to $AFINE_WEIGHTS or the torch hub cache)")
-    parser.add_argument("--offline", action="store_true",
-                        help="never download the released weights (also AFINE_OFFLINE=1 or HF_HUB_OFFLINE=1)")
+    add_weights_arguments(parser)
     parser.add_argument("--opset", type=int, help=f"ONNX opset version, {MIN_OPSET} or newer (default: the "
                         "exporter's, 20 with torch 2.14), for runtimes that need another")
     parser.add_argument("--no-progress", action="store_true", help="no download progress bar")

@@ -303,12 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose the model and how it runs, shared with `afine compare`."""
-    parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file), for weights "
-                        "without a fine-tuned CLIP")
-    parser.add_argument("--weights", help="A-FINE weights: afine.pth or a folder of net_*.pth files (default: the "
-                        "released afine.pth, downloaded on first use to $AFINE_WEIGHTS or the torch hub cache)")
-    parser.add_argument("--offline", action="store_true",
-                        help="never download the released weights (also AFINE_OFFLINE=1 or HF_HUB_OFFLINE=1)")
+    add_weights_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="CLIP's precision: fp32 (default, exact), bf16 or fp16 autocast (faster where the "
@@ -322,6 +317,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    """--clip, --weights and --offline: which model, as every command that loads one takes them."""
+    parser.add_argument("--clip", help="CLIP checkpoint (OpenAI ViT-B-32.pt or a state-dict file), for weights "
+                        "without a fine-tuned CLIP")
+    parser.add_argument("--weights", help="A-FINE weights: afine.pth or a folder of net_*.pth files (default: the "
+                        "released afine.pth, downloaded on first use to $AFINE_WEIGHTS or the torch hub cache)")
+    parser.add_argument("--offline", action="store_true",
+                        help="never download the released weights (also AFINE_OFFLINE=1 or HF_HUB_OFFLINE=1)")
 
 
 def run(args: argparse.Namespace) -> int:
