@@ -103,7 +103,9 @@ def test_compiled_loss_value_and_gradient_equal_eager(monkeypatch, term):
         losses = [loss(out, reference[:b]) for loss, out in zip((eager, fast), outputs)]
         for loss in losses:
             loss.backward()
-        torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+        # float noise: the compiled graph's decompositions reorder float32 sums (4.5e-6 relative seen on the loss
+        # of the padded batch on an AVX2 CPU); a wrong pairing or a padded row leaking in moves it by far more
+        torch.testing.assert_close(losses[1], losses[0], rtol=2e-5, atol=1e-6)
         scale = outputs[0].grad.abs().max().item()  # float noise: relative to the gradient's size, not per pixel
         torch.testing.assert_close(outputs[1].grad, outputs[0].grad, rtol=1e-4, atol=1e-4 * scale)
         assert (outputs[1].grad - outputs[0].grad).norm() < 1e-5 * outputs[0].grad.norm()
