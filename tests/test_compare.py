@@ -120,7 +120,7 @@ def test_statistics_are_those_recomputed_from_the_per_image_rows(weights, result
     _, summary, text, _ = result
     rows = csv_rows(text)
     assert len(rows) == sum(SETS.values()) * len(METHODS)
-    k = math.log1p(math.exp(load_afine(None, weights).adapter.k.item()))  # softplus
+    k = math.log1p(math.exp(load_afine(weights).adapter.k.item()))  # softplus
     mean_ranks = np.zeros(len(METHODS))
     for s in summary["sets"]:
         n = SETS[s["name"]]

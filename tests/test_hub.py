@@ -41,7 +41,7 @@ def test_afine_entry_point_is_the_scoring_model(weights):
     assert isinstance(model, AFINE) and not model.training
     dis, ref = images()
     with torch.no_grad():
-        got, expected = model(dis, ref), load_afine(clip=None, weights=weights)(dis, ref)
+        got, expected = model(dis, ref), load_afine(weights)(dis, ref)
     assert list(got) == list(TERMS)
     for term in TERMS:
         torch.testing.assert_close(got[term], expected[term], rtol=0, atol=0)
@@ -53,7 +53,7 @@ def test_afine_loss_entry_point_is_the_loss(weights):
     assert isinstance(criterion, AFINELoss) and (criterion.term, criterion.reduction) == ("afine_fr", "none")
     dis, ref = images(1)
     with torch.no_grad():
-        expected = load_afine(clip=None, weights=weights)(dis, ref)["afine_fr"]
+        expected = load_afine(weights)(dis, ref)["afine_fr"]
     torch.testing.assert_close(criterion(dis, ref), expected, rtol=1e-5, atol=1e-6)
     assert torch.hub.load(str(ROOT), "afine_loss", source="local", weights=weights).term == "afine_all"
 
@@ -127,7 +127,7 @@ def test_a_clone_loads_the_released_weights_and_lists_its_entry_points(weights, 
     assert (home / "hub" / "checkpoints" / "afine.pth").read_bytes() == body
     out = json.loads(proc.stdout.splitlines()[-1])
     with torch.no_grad():
-        expected = load_afine(clip=None, weights=weights)(dis, ref)
+        expected = load_afine(weights)(dis, ref)
     for term in TERMS:
         assert out["terms"][term] == pytest.approx(expected[term].tolist(), rel=1e-6, abs=1e-6)
     assert out["loss"] == "afine_all"

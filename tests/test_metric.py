@@ -80,7 +80,7 @@ def scored(data):
 
 @pytest.fixture(scope="module")
 def model(data):
-    return load_afine(clip=None, weights=data[0])
+    return load_afine(data[0])
 
 
 @pytest.mark.parametrize("term", TERMS)

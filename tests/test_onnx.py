@@ -58,7 +58,7 @@ def exported(tmp_path_factory):
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return paths, load_afine(None, paths["afine"]), path, session
+    return paths, load_afine(paths["afine"]), path, session
 
 
 def run(session, dis: torch.Tensor, ref: torch.Tensor) -> dict[str, torch.Tensor]:

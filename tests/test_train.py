@@ -779,7 +779,7 @@ def test_a_damaged_built_on_record_is_one_error_line_naming_it(synth, stage1_run
         record.write_text({"empty": "{}", "renamed key": json.dumps({path + ".old": digest}), "not JSON": "{'a': 1",
                            "a list": json.dumps([path, digest]), "not a digest": json.dumps({path: 5})}[damage])
     with pytest.raises(AfineError) as refused:
-        load_afine(None, s2, require=("fidelity",))  # what evaluate.py --weights s2 --stage 2 loads
+        load_afine(s2, require=("fidelity",))  # what evaluate.py --weights s2 --stage 2 loads
     message = str(refused.value)
     assert message.startswith(f"{record}: ") and "\n" not in message, message
     assert train_stage3.main(args(synth, tmp_path / "s3", stage2_dir=s2)) == 2
@@ -792,12 +792,12 @@ def test_a_run_without_built_on_record_loads_with_a_warning_naming_it(stage1_run
     s1, s2 = runs_tree(stage1_run, stage2_run, tmp_path / "R")
     (s1 / "built_on.json").unlink()
     (s2 / "built_on.json").unlink()
-    model = load_afine(None, s2, require=("natural", "fidelity"))
+    model = load_afine(s2, require=("natural", "fidelity"))
     assert capsys.readouterr().err == f"warning: {s2}: no built_on.json (a run made before runs recorded it): the " \
         "earlier stages' files it is combined with are not checked\n"
     fidelity = read_network_file(s2 / "net_dhead.pth")
     assert all(torch.equal(v, fidelity[k]) for k, v in model.fidelity.state_dict().items())
-    load_afine(None, s1, require=("natural",))
+    load_afine(s1, require=("natural",))
     assert capsys.readouterr().err == ""
 
 
@@ -834,7 +834,7 @@ def test_a_runs_tree_moved_whole_resumes_and_evaluates_from_its_new_place(synth,
     capsys.readouterr()
     bench = ["--data-root", str(synth), "--bench", "kadid10k", "--workers", "0", "--no-progress"]
     assert train_stage3.main(args(synth, "R2/s3", stage2_dir="R2/s2", total_iter=2)) == 0
-    adapter, saved = load_afine(None, "R2/s3").adapter, read_network_file("R2/s3/net_finalscore.pth")
+    adapter, saved = load_afine("R2/s3").adapter, read_network_file("R2/s3/net_finalscore.pth")
     assert all(torch.equal(v, saved[k]) for k, v in adapter.state_dict().items())
     assert train_stage2.main(args(synth, "R2/s2", stage1_dir="R2/s1", total_iter=2)) == 0
     assert evaluate.main([*bench, "--weights", "R2/s2", "--stage", "2"]) == 0
@@ -845,7 +845,7 @@ def test_a_runs_tree_moved_whole_resumes_and_evaluates_from_its_new_place(synth,
             ("fresh", 0), ("resume", 1)]
     assert not Path("R").exists()
     with pytest.raises(AfineError, match="R2/s3 was trained on another net_dhead.pth"):
-        load_afine(None, "R2/s3")  # by content: s3 was trained on the s2 of step 1, which the resume replaced
+        load_afine("R2/s3")  # by content: s3 was trained on the s2 of step 1, which the resume replaced
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
