@@ -438,7 +438,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> AFINE:
     weights = (args.weights if args.weights is not None
                else released_weights(args.offline, not args.no_progress, check=check_weights))
     model = load_afine(weights, clip=args.clip).to(device)
-    return compile_model(model) if getattr(args, "compile", False) else model
+    return compile_model(model) if args.compile else model
 
 
 def write_results(args: argparse.Namespace, pairs: list[tuple[Path, Path]], results: list[dict[str, float]]) -> None:
