@@ -811,7 +811,7 @@ def test_a_run_folder_naming_no_stage1_is_not_combined_with_another_clip(stage1_
     other = tmp_path / "other_clip.pth"
     torch.save(torch.load(s1 / "clip_model.pth", weights_only=True), other)
     with pytest.raises(AfineError) as refused:
-        load_afine(other, s2, require=("fidelity",))
+        load_afine(s2, clip=other, require=("fidelity",))
     assert str(refused.value) == f"{s2} was trained on a clip_model.pth (its built_on.json), but its config.json " \
         "names no run folder holding one; restore the stage folder keys (stage1_dir, stage2_dir) it was trained with"
 
