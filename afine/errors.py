@@ -73,12 +73,19 @@ def optional_import(module: str, package: str, extra: str, what: str):
 
 def report(error: AfineError) -> None:
     """The one line a command prints for a user mistake: 'error: <message>' on stderr."""
-    print(f"error: {printable(error)}", file=sys.stderr)
+    line(f"error: {printable(error)}")
 
 
 def warn(message: str) -> None:
     """A one-line 'warning: <message>' on stderr (for what is suspicious but not wrong)."""
-    print(f"warning: {printable(message)}", file=sys.stderr)
+    line(f"warning: {printable(message)}")
+
+
+def line(text: str) -> None:
+    """`text` and its newline to stderr in one write, so that the lines of processes sharing a stderr (torchrun's
+    ranks) never run into each other."""
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
 
 
 WORKER_PREFIX = "Caught AfineError in DataLoader worker process"

@@ -48,7 +48,7 @@ def _exit_interrupted(signum, frame) -> None:
         return
     _kill_workers()
     if not _reporting:
-        print("interrupted", file=sys.stderr)
+        sys.stderr.write("interrupted\n")  # one write: never run into another process's line
     for stream in (sys.stdout, sys.stderr):  # what the command printed stays printed
         with contextlib.suppress(Exception):
             stream.flush()
@@ -71,7 +71,8 @@ def stopped(message: str | None = "interrupted") -> int:
     global _reporting, _reported
     _reporting = True
     if message is not None:
-        print(message, file=sys.stderr, flush=True)
+        sys.stderr.write(f"{message}\n")  # one write: never run into another process's line
+        sys.stderr.flush()
     _reported = True
     return 130
 
@@ -164,7 +165,8 @@ def _own_workers(loader) -> None:
 
 def batches(loader: Iterable) -> Iterator:
     """The loader's batches: its worker processes start with Ctrl-C held back, ignore it once started (this
-    process stops them) and die with this process; a Ctrl-C held or dropped is raised before the next batch."""
+    process stops them) and die with this process, or stop as soon as the batches stop; a Ctrl-C held or dropped
+    is raised before the next batch."""
     global _holding
     _own_workers(loader)
     _holding += 1
@@ -172,7 +174,17 @@ def batches(loader: Iterable) -> Iterator:
         iterator = iter(loader)
     finally:
         _holding -= 1
-    _raise_pending()
-    for batch in iterator:
+    interrupted = False
+    try:
         _raise_pending()
-        yield batch
+        for batch in iterator:
+            _raise_pending()
+            yield batch
+    except KeyboardInterrupt:  # the command stops: it reports the Ctrl-C first, then its workers go
+        interrupted = True
+        raise
+    finally:  # stopped by an error or closed early: the workers stop now. Left to the garbage collector (the
+        # error's traceback holds the iterator), their shutdown waited 5 s per worker for a message it had lost.
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None and not interrupted:
+            shutdown()

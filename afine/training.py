@@ -22,7 +22,7 @@ from . import config as configs
 from . import distributed, interrupts
 from .batches import shape_groups
 from .datasets import ImageIndex, TripletDataset, collate_triplets, diffiqa_type_files, images_dir, resolve_triplets
-from .errors import AfineError, unwrap_worker_error
+from .errors import AfineError, report, unwrap_worker_error
 from .metrics import two_afc_accuracy
 from .runfolder import Run, log, require_tensorboard, state_files
 from .schedule import cosine_restart_lr
@@ -285,7 +285,7 @@ def main(train: Callable, config_class, argv: list[str] | None, doc: str) -> int
         if not isinstance(error, AfineError):
             raise
         if d is None or d.is_main:
-            print(f"error: {error}", file=sys.stderr)
+            report(error)
         return 2
     finally:
         if d is not None:

@@ -53,3 +53,29 @@ def test_a_bad_timeout_is_one_error_line_naming_the_variable(monkeypatch, value)
         distributed.timeout()
     monkeypatch.setenv("AFINE_DIST_TIMEOUT", "2.5")
     assert distributed.timeout().total_seconds() == 2.5
+
+
+def test_every_line_a_command_prints_on_stderr_is_one_write(monkeypatch):
+    """torchrun's ranks share one stderr: two ranks' error lines ran into one ("...(image file is
+    truncated)error: ...") while a line and its newline were two writes."""
+    from afine import interrupts
+    from afine.errors import report, warn
+
+    writes = []
+
+    class Stderr:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    monkeypatch.setattr(interrupts, "_reporting", False)  # stopped() marks the process as reporting: undone after
+    monkeypatch.setattr(interrupts, "_reported", False)
+    report(AfineError("a.png: cannot read image (image file is truncated)"))
+    warn("b.png: larger than 4096 px")
+    assert interrupts.stopped("interrupted; run the same command again") == 130
+    assert writes == ["error: a.png: cannot read image (image file is truncated)\n",
+                      "warning: b.png: larger than 4096 px\n", "interrupted; run the same command again\n"]
