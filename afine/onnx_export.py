@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = weight_files(args.weights if args.weights is not None else released_path())
     check_writable(args.out, inputs + ([Path(args.clip)] if args.clip else []), SUFFIXES)
     weights = args.weights if args.weights is not None else released_weights(args.offline, not args.no_progress)
-    model = load_afine(args.clip, weights)
+    model = load_afine(weights, clip=args.clip)
     found = export(model, args.out, args.opset)
     worst = max(TERMS[1:], key=found.get)
     where = "standard output" if is_stdout(args.out) else args.out
