@@ -3,8 +3,6 @@ table, the JSON and CSV files, the report), and leave no process behind."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import procs
 from tests.test_score_distributed import ENV, ROOT, TORCHRUN
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
@@ -35,25 +34,12 @@ def corpus(tmp_path_factory):
 
 
 def compare(launcher: list[str], root: Path, weights: Path, out: str) -> subprocess.CompletedProcess:
-    """The command in a session of its own, killed with its whole process group if it hangs."""
+    """The command, bounded and leaving nothing behind (tests/procs.py)."""
     args = [*launcher, "-m", "afine", "compare", "--no-progress", "--device", "cpu", "--weights", str(weights),
             "--batch-size", "2", str(root / "HR"), *(str(root / m) for m in "abc"), "--json", str(root / f"{out}.json"),
             "--csv", str(root / f"{out}.csv"), "--html", str(root / out)]
     env = {**ENV, "TORCH_HOME": str(root / "torch")}  # the digest cache of the weights: the test's own
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{' '.join(launcher)} compare did not finish")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the run may outlive it
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+    return procs.run(args, cwd=ROOT, env=env, timeout=240)
 
 
 def files(folder: Path) -> dict[str, bytes]:

@@ -3,7 +3,6 @@ stalled servers, SIGTERM, stale temp files, offline."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from afine import AFINELoss
 from afine.__main__ import main
 from afine.download import released_weights, temp_prefix
 from afine.errors import AfineError
+from tests import procs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,18 +250,11 @@ def test_concurrent_first_uses_download_once_and_agree(files, server):
     assert cache_path().read_bytes() == files[0].read_bytes()
 
 
-@contextlib.contextmanager
-def command(*args: str):
-    """`python -m afine score --no-progress ARGS` started in a process group of its own, which is killed at the
-    end, whatever happened (nothing of it outlives the test)."""
-    proc = subprocess.Popen([sys.executable, "-m", "afine", "score", "--no-progress", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+def command(*args: str) -> subprocess.Popen:
+    """`python -m afine score --no-progress ARGS` started through tests/procs.py: whatever happens, nothing of it
+    outlives the test."""
+    return procs.start([sys.executable, "-m", "afine", "score", "--no-progress", *args], cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def score_or_hang(capsys, *args) -> tuple[int, str, str]:
@@ -277,11 +270,9 @@ def score_or_hang(capsys, *args) -> tuple[int, str, str]:
 
 
 def finished(proc: subprocess.Popen) -> tuple[int, str, str]:
-    """The command's exit code, stdout and stderr; a command still running after HANG_S fails the test."""
-    try:
-        out, err = proc.communicate(timeout=HANG_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the command still ran after {HANG_S} s")
+    """The command's exit code, stdout and stderr; a command still running after HANG_S, or a process of it left
+    once it ended, fails the test."""
+    out, err = procs.finish(proc, HANG_S)
     return proc.returncode, out, err
 
 
@@ -333,16 +324,16 @@ def test_sigterm_mid_download_leaves_no_temp_file(files, server):
     process (exit status 143 in a shell), printing nothing."""
     server.mode, server.stall_after = "trickle", 100_000
     folder = cache_path().parent
-    with command(*map(str, files[1:])) as proc:
-        deadline = time.monotonic() + HANG_S
-        while not list(folder.glob(".afine.pth.*.tmp")):  # the download is under way
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        while os.path.getsize(next(folder.glob(".afine.pth.*.tmp"))) < 50_000:  # the file object buffers 8 kB
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        code, out, err = finished(proc)
+    proc = command(*map(str, files[1:]))
+    deadline = time.monotonic() + HANG_S
+    while not list(folder.glob(".afine.pth.*.tmp")):  # the download is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    while os.path.getsize(next(folder.glob(".afine.pth.*.tmp"))) < 50_000:  # the file object buffers 8 kB
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finished(proc)
     assert code == -signal.SIGTERM and out == "" and err == ""
     assert [p.name for p in folder.iterdir()] == ["afine.pth.lock"]
 
@@ -353,8 +344,8 @@ def test_the_next_download_removes_temp_files_of_dead_downloads_only(files, serv
     file that is not a download's."""
     folder = cache_path().parent
     folder.mkdir(parents=True)
-    with subprocess.Popen([sys.executable, "-c", "pass"]) as gone:
-        pass
+    gone = procs.start([sys.executable, "-c", "pass"])
+    procs.finish(gone, HANG_S)
     prefix = temp_prefix(cache_path())
     this_host = prefix.rsplit("-", 1)[0]
     dead = f"{this_host}-{gone.pid}.k3x_a9z0.tmp"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -393,18 +391,9 @@ def test_a_bad_image_on_one_torchrun_rank_stops_every_rank_with_its_line(corpus,
     args = ["evaluate.py", "--bench", "kadid10k", "--data-root", str(copy), "--weights", str(paths["afine"]),
             "--no-progress", "--workers", "0", "--batch-size", "4", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29733", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("a rank still waited after 90 s")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc = procs.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                     cwd=ROOT, env=env, timeout=90)
+    err = proc.stderr
     assert proc.returncode != 0
     ours = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(ours) == 2 and all(line.startswith(f"error: {bad}: cannot read image (") for line in ours), err

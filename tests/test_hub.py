@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +18,7 @@ import torch
 from afine.afine_loss import AFINELoss
 from afine.errors import AfineError
 from afine.model import AFINE, TERMS, load_afine
+from tests import procs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +116,8 @@ def test_a_clone_loads_the_released_weights_and_lists_its_entry_points(weights, 
     user = tmp_path / "elsewhere"
     user.mkdir()
     try:
-        proc = subprocess.run([sys.executable, "-c", CLONE_USER, str(clone), str(home / "hub" / "checkpoints"),
-                               str(tmp_path / "dis.pt"), str(tmp_path / "ref.pt")], cwd=user, env=env,
-                              capture_output=True, text=True, timeout=180)
+        proc = procs.run([sys.executable, "-c", CLONE_USER, str(clone), str(home / "hub" / "checkpoints"),
+                          str(tmp_path / "dis.pt"), str(tmp_path / "ref.pt")], cwd=user, env=env, timeout=180)
     finally:
         httpd.shutdown()
         httpd.server_close()

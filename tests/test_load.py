@@ -6,7 +6,6 @@ import gc
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch import nn
 from afine.checkpoint import PART_FILES, build_clip, read_afine_parts, save_afine
 from afine.errors import AfineError
 from afine.model import TERMS, load_afine
+from tests import procs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,8 +128,8 @@ def test_files_changed_under_a_running_model_or_loss_change_nothing(tmp_path, ho
             if file != "clip_model.pth":
                 shutil.copy(paths["folder"] / file, tmp_path / name / "heads" / file)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", REWRITE_CHILD, how, tmp_path / "a", tmp_path / "b"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=240)
+    proc = procs.run([sys.executable, "-c", REWRITE_CHILD, how, tmp_path / "a", tmp_path / "b"], cwd=ROOT,
+                     env=env, timeout=240)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"  # -7: killed by SIGBUS
     assert proc.stdout.strip() == "unchanged"
 

@@ -17,6 +17,7 @@ import afine
 from afine.checkpoint import PART_FILES, read_afine_parts, save_afine
 from afine.errors import AfineError
 from afine.model import AFINE, TERMS, load_afine
+from tests import procs
 from tests.test_download import cache_path, files, server, server_url  # noqa: F401 - the local weights server
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
@@ -93,9 +94,8 @@ def test_no_argument_offline_without_the_cache_is_one_line_telling_what_to_do(se
 
 def python_c(code: str, **env: str) -> subprocess.CompletedProcess:
     """`python -c code` as a user runs it, in its own session, with this test's cache and download address."""
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env},
-                          start_new_session=True)
+    return procs.run([sys.executable, "-c", code], cwd=ROOT, timeout=240,
+                     env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
 
 
 def test_python_c_load_afine_works_from_the_cache_and_offline_says_why_in_one_line(files, tmp_path):  # noqa: F811

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import afine
 from afine.__main__ import main
 from afine.errors import AfineError
 from afine.model import TERMS, load_afine
+from tests import procs
 from tests.tiny import random_afine, tiny_clip, write_checkpoints
 
 pytest.importorskip("torchmetrics")
@@ -254,8 +254,8 @@ def test_bad_settings_are_one_clear_error(model, kwargs, message):
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
+    return procs.run([sys.executable, "-c", code], cwd=ROOT, timeout=120,
+                     env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
 
 
 def test_torchmetrics_is_optional():
@@ -306,19 +306,11 @@ if __name__ == "__main__":
 
 
 def on_two_processes(folder: Path, timeout: float = 90) -> list[dict[str, torch.Tensor]]:
-    """Run LAUNCHER (two forked Gloo ranks) in a process group of its own: killed whole if it outlives `timeout`,
-    and nothing of it left afterwards. Each rank's results."""
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(folder)], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"two-process run did not end within {timeout} s")
-    with pytest.raises(ProcessLookupError):  # no rank left behind
-        os.killpg(proc.pid, 0)
+    """Run LAUNCHER (two forked Gloo ranks), bounded by `timeout` and leaving nothing behind (tests/procs.py).
+    Each rank's results."""
+    proc = procs.run([sys.executable, "-c", LAUNCHER, str(folder)], cwd=ROOT, timeout=timeout,
+                     env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    err = proc.stderr
     assert proc.returncode == 0, err[-3000:]
     return [torch.load(folder / f"rank{rank}.pt") for rank in (0, 1)]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from afine.__main__ import main
 from afine.image import preprocess
 from afine.model import AFINE, TERMS, load_afine
+from tests import procs
 from tests.tiny import tiny_clip, write_checkpoints
 
 onnx = pytest.importorskip("onnx")
@@ -235,7 +235,6 @@ assert main(["score", "--no-progress", "--weights", {str(paths["afine"])!r}, "di
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("onnx", "onnxscript", "onnxruntime")))
 """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    done = procs.run([sys.executable, "-c", code], env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
