@@ -32,8 +32,8 @@ def test_demo_configs_raise_validation_accuracy(tmp_path, capsys, small_corpus):
     data = tmp_path / "data"
     shutil.copytree(small_corpus, data)  # synth.generate(seed=0, scale="small"), made once a run
     runs = {stage: tmp_path / f"s{stage}" for stage in (1, 2, 3)}
-    stages = ((1, train_stage1, [], 100), (2, train_stage2, [f"--stage1_dir={runs[1]}"], 50),
-              (3, train_stage3, [f"--stage2_dir={runs[2]}"], 50))
+    stages = ((1, train_stage1, [], 30), (2, train_stage2, [f"--stage1_dir={runs[1]}"], 20),
+              (3, train_stage3, [f"--stage2_dir={runs[2]}"], 20))
     for stage, script, extra, steps in stages:
         argv = ["--config", str(ROOT / "configs" / f"demo_s{stage}.json"), f"--data_root={data}",
                 f"--out_dir={runs[stage]}", f"--total_iter={steps}", f"--val_every={steps}", *extra]
