@@ -288,4 +288,4 @@ def test_grey_palette_rgba_images_decode_to_rgb(tmp_path, mode):
     img.save(tmp_path / "x.png")
     x = load_image(tmp_path / "x.png")
     assert x.shape == (3, 20, 30) and x.dtype == torch.float32
-    assert torch.equal((x * 255).round().byte().permute(1, 2, 0), torch.from_numpy(np.ascontiguousarray(expected)))
+    assert torch.equal((x * 255).round().byte().permute(1, 2, 0), torch.from_numpy(np.array(expected)))
