@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .compiled import compile_model
+from .errors import check_choice
 from .image import MIN_SIDE
 from .model import AFINE, HEADS, load_afine
 
@@ -54,15 +55,11 @@ class AFINELoss(nn.Module):
                  clip: str | Path | None = None, checkpoint_blocks: bool = False, amp: str = "off",
                  save_weights: bool = False, gradient: str = "stable", compile: bool = False):
         super().__init__()
-        if term not in LOSS_TERMS:
-            hint = " (it does not depend on the output; afine_nr is the output's)" if term == "afine_nr_ref" else ""
-            raise ValueError(f"term must be one of {', '.join(LOSS_TERMS)}, got {term!r}{hint}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-        if amp not in AMP:
-            raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
-        if gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+        check_choice("term", term, LOSS_TERMS,
+                     " (it does not depend on the output; afine_nr is the output's)" if term == "afine_nr_ref" else "")
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("amp", amp, AMP)
+        check_choice("gradient", gradient, GRADIENTS)
         self.term, self.reduction, self.amp, self.gradient = term, reduction, amp, gradient
         self.checkpoint_blocks, self.save_weights = checkpoint_blocks, save_weights
         self.afine = weights if isinstance(weights, AFINE) else load_afine(weights, clip=clip, require=LOSS_TERMS[term])

@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from .errors import warn
+from .errors import check_choice, warn
 
 MAX_SHAPES = 8  # compiled shapes per model; each costs tens of seconds on a CPU (docs/scoring.md)
 BACKEND = "inductor"  # what compile_model uses unless told otherwise
@@ -83,8 +83,8 @@ def compile_model(model, backend=None, max_shapes: int = MAX_SHAPES):
     is on its device. `backend`: BACKEND by default; "aot_eager" (or a torch.compile backend function) checks the
     plumbing without generating code."""
     backend = BACKEND if backend is None else backend
-    if not callable(backend) and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not callable(backend):
+        check_choice("backend", backend, BACKENDS)
     if max_shapes < 1:
         raise ValueError(f"max_shapes must be at least 1, got {max_shapes}")
     # our cap decides which shapes compile; torch's own limit per function (8 by default) must not undercut it

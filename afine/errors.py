@@ -71,6 +71,12 @@ def optional_import(module: str, package: str, extra: str, what: str):
                          f"with: pip install {package}  (or, in this repository: pip install '.[{extra}]')") from None
 
 
+def check_choice(name: str, value, choices, hint: str = "") -> None:
+    """A keyword argument outside its choices is a ValueError: 'NAME must be one of A, B, got VALUE'."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}{hint}")
+
+
 def report(error: AfineError) -> None:
     """The one line a command prints for a user mistake: 'error: <message>' on stderr."""
     line(f"error: {printable(error)}")

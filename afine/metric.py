@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .afine_loss import check_images
-from .errors import optional_import
+from .afine_loss import REDUCTIONS, check_images
+from .errors import check_choice, optional_import
 from .model import AFINE, PRECISIONS, TERMS, load_afine
 
 torchmetrics = optional_import("torchmetrics", "torchmetrics", "metrics", "afine.AFINEMetric")
 from torchmetrics.utilities import dim_zero_cat  # noqa: E402  (after the check that torchmetrics is there)
 
-REDUCTIONS = ("mean", "sum", "none")
 # Where each term lies, for torchmetrics' plots: the 0-100 scale, and the (-2, 2) of the mapped terms; D is unbounded.
 BOUNDS = {"afine_all_scale": (0.0, 100.0), "afine_all": (None, None), "afine_fr": (-2.0, 2.0),
           "afine_nr": (-2.0, 2.0), "afine_nr_ref": (-2.0, 2.0)}
@@ -51,12 +50,9 @@ class AFINEMetric(torchmetrics.Metric):
     def __init__(self, weights: str | Path | AFINE | None = None, term: str = "afine_all_scale",
                  reduction: str = "mean", clip: str | Path | None = None, precision: str = "fp32", **kwargs):
         super().__init__(**kwargs)
-        if term not in TERMS:
-            raise ValueError(f"term must be one of {', '.join(TERMS)}, got {term!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_choice("term", term, TERMS)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("precision", precision, PRECISIONS)
         self.term, self.reduction, self.precision = term, reduction, precision
         if not isinstance(weights, AFINE):
             weights = load_afine(weights, clip=clip)  # None: the released weights, downloaded on first use
